@@ -1,0 +1,61 @@
+"""burrow's errors, grouped by what the caller can do about them.
+
+Names follow Modal's ``modal.exception`` so that code written for
+``modal.forward`` catches the same things here.
+"""
+
+from __future__ import annotations
+
+
+class Error(Exception):
+    """Base class of every error burrow raises on purpose."""
+
+
+class InvalidError(Error):
+    """The caller asked for something that cannot be done (bad argument, missing settings)."""
+
+
+class AuthError(Error):
+    """The relay refused the agent's token: wrong, expired or revoked."""
+
+
+class ConnectionError(Error):  # noqa: A001 - same name as modal.exception.ConnectionError
+    """The relay could not be reached, or the connection to it was lost."""
+
+
+class TimeoutError(Error):  # noqa: A001 - same name as modal.exception.TimeoutError
+    """An operation did not finish in the time allowed."""
+
+
+class RelayError(Error):
+    """The relay answered, but refused the request; ``code`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ProtocolError(Error):
+    """Bytes on a burrow connection broke the wire protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to do something the protocol does not allow (a bug in burrow)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that break the protocol: garbage, a frame too large, a bad message."""
+
+
+__all__ = [
+    "AuthError",
+    "ConnectionError",
+    "Error",
+    "InvalidError",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RelayError",
+    "RemoteProtocolError",
+    "TimeoutError",
+]
