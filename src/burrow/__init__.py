@@ -1,0 +1,1 @@
+"""burrow: publish a local port through your own relay."""
