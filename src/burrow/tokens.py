@@ -1,0 +1,309 @@
+"""Signed agent tokens: minted with a private key, checked with only the public key.
+
+A relay holds the Ed25519 public key and nothing else, so any relay in a
+fleet can admit an agent without a database. Tokens are JWTs signed with EdDSA.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import jwt
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from burrow.exception import AuthError, InvalidError
+
+TOKEN_ISSUER = "burrow"
+
+# The one algorithm a relay accepts. Pinning it is what stops "alg": "none"
+# and HS256-keyed-with-the-public-key forgeries.
+TOKEN_ALGORITHM = "EdDSA"
+
+# A burrow token is about 250 characters; anything far larger is not one of
+# ours, and refusing it early bounds the work an unauthenticated peer can cause.
+MAX_TOKEN_LENGTH = 4096
+
+# Keeps a minted token well under MAX_TOKEN_LENGTH and log lines readable.
+MAX_SUBJECT_LENGTH = 256
+
+# 9999-12-31T23:59:59Z, the last second `datetime` can show; a timestamp
+# beyond it cannot be printed in an error message, so no token may carry one.
+MAX_TIMESTAMP = 253402300799
+
+# A token living a century is as good as "never"; larger values only risk
+# overflowing MAX_TIMESTAMP. Say "never" instead.
+MAX_TTL_SECONDS = 100 * 365 * 86400
+
+# Default clock skew tolerated between the machine that minted and the relay.
+DEFAULT_LEEWAY_SECONDS = 30
+
+# 12 random bytes: enough that two token ids never collide, short in logs.
+TOKEN_ID_BYTES = 12
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_RE = re.compile(r"([0-9]{1,10})([smhdw])")
+_NEVER = "never"
+# A JWT is three base64url segments; checking the characters first means
+# PyJWT only ever sees ASCII of the right shape.
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
+TokenErrorReason = Literal["malformed", "bad-signature", "expired", "not-yet-valid"]
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    """What a verified token says about the agent presenting it."""
+
+    subject: str
+    """Who the token was minted for (a user, a team, a CI job); shown in relay logs."""
+
+    token_id: str
+    """Random id unique to this token (the JWT ``jti``), for logs and future revocation."""
+
+    issued_at: int
+    """When the token was minted, in seconds since the Unix epoch."""
+
+    expires_at: int | None
+    """When the token stops being accepted, in seconds since the epoch; None for never."""
+
+    max_tunnels: int | None
+    """How many tunnels a session with this token may hold open at once; None for no limit."""
+
+
+class TokenError(AuthError):
+    """A token was refused; ``reason`` says why in one word the caller can match on."""
+
+    def __init__(self, reason: TokenErrorReason, message: str) -> None:
+        super().__init__(message)
+        self.reason: TokenErrorReason = reason
+
+
+def _utc(timestamp: int) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# Keys and key files
+
+
+def generate_signing_key() -> Ed25519PrivateKey:
+    """A new private key for minting tokens."""
+    return Ed25519PrivateKey.generate()
+
+
+def public_key_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
+    """The PEM (SubjectPublicKeyInfo) of the key that verifies tokens ``key`` signs."""
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _write_new_file(path: Path, data: bytes, mode: int) -> None:
+    # O_EXCL makes "refuse to overwrite" atomic: no window in which an
+    # existing key could be clobbered, and the mode applies from creation.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise InvalidError(f"{path} already exists; refusing to overwrite a key") from None
+    except OSError as exc:
+        raise InvalidError(f"cannot create {path}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise InvalidError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def write_signing_key(key: Ed25519PrivateKey, path: Path) -> None:
+    """Save ``key`` as unencrypted PKCS#8 PEM, readable by its owner only."""
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_new_file(path, pem, 0o600)
+
+
+def write_public_key(key: Ed25519PrivateKey | Ed25519PublicKey, path: Path) -> None:
+    """Save the public half of ``key`` as PEM, for relays; refuses to overwrite, like the key."""
+    _write_new_file(path, public_key_pem(key), 0o644)
+
+
+def _read_key_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidError(f"cannot read key file {path}: {exc.strerror}") from exc
+
+
+def read_signing_key(path: Path) -> Ed25519PrivateKey:
+    """Load a key saved by :func:`write_signing_key`."""
+    data = _read_key_file(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise InvalidError(
+            f"{path} is not an unencrypted PEM private key (burrow token signing key)"
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise InvalidError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
+    return key
+
+
+def read_public_key(path: Path) -> Ed25519PublicKey:
+    """Load a key saved by :func:`write_public_key`."""
+    data = _read_key_file(path)
+    if b"PRIVATE KEY" in data:
+        # Refuse outright, rather than derive the public key: a relay should
+        # never be handed the key that mints tokens.
+        raise InvalidError(
+            f"{path} holds a private key; give the relay the public key file instead"
+        )
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        raise InvalidError(f"{path} is not a PEM public key (burrow token public key)") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise InvalidError(f"{path} holds a {type(key).__name__}, not an Ed25519 public key")
+    return key
+
+
+# Minting and verifying
+
+
+def mint(
+    key: Ed25519PrivateKey,
+    *,
+    subject: str,
+    ttl_seconds: int | None,
+    max_tunnels: int | None = None,
+    now: float | None = None,
+) -> str:
+    """A token for ``subject``, valid for ``ttl_seconds`` from ``now`` (None: forever)."""
+    if not subject or len(subject) > MAX_SUBJECT_LENGTH:
+        raise InvalidError(f"token subject must be 1 to {MAX_SUBJECT_LENGTH} characters")
+    if ttl_seconds is not None and not 0 < ttl_seconds <= MAX_TTL_SECONDS:
+        raise InvalidError(
+            f"token lifetime must be from 1 to {MAX_TTL_SECONDS} seconds, or None for never"
+        )
+    if max_tunnels is not None and max_tunnels < 1:
+        raise InvalidError("max_tunnels must be at least 1, or None for no limit")
+    issued_at = int(time.time() if now is None else now)
+    claims: dict[str, Any] = {
+        "iss": TOKEN_ISSUER,
+        "sub": subject,
+        "iat": issued_at,
+        "jti": secrets.token_urlsafe(TOKEN_ID_BYTES),
+    }
+    if ttl_seconds is not None:
+        claims["exp"] = issued_at + ttl_seconds
+    if max_tunnels is not None:
+        claims["max_tunnels"] = max_tunnels
+    return jwt.encode(claims, key, algorithm=TOKEN_ALGORITHM)
+
+
+def _decode(token: str, public_key: Ed25519PublicKey) -> dict[str, Any]:
+    """Check signature and issuer; PyJWT's errors become TokenError."""
+    try:
+        payload: dict[str, Any] = jwt.decode(
+            token,
+            public_key,
+            algorithms=[TOKEN_ALGORITHM],
+            issuer=TOKEN_ISSUER,
+            # Times are checked by the caller, against its own `now`.
+            options={
+                "verify_exp": False,
+                "verify_iat": False,
+                "verify_nbf": False,
+                "require": ["iss", "sub", "iat", "jti"],
+            },
+        )
+    except (jwt.InvalidSignatureError, jwt.InvalidAlgorithmError):
+        raise TokenError("bad-signature", "token signature is not valid") from None
+    except jwt.PyJWTError as exc:
+        raise TokenError("malformed", f"token is malformed: {exc}") from None
+    except (ValueError, TypeError, KeyError):
+        # A third-party parser fed bytes from anyone: whatever else it
+        # raises, the input was still garbage.
+        raise TokenError("malformed", "token is malformed") from None
+    return payload
+
+
+def _timestamp(payload: dict[str, Any], claim: str) -> int:
+    value = payload[claim]
+    if type(value) is not int or not 0 <= value <= MAX_TIMESTAMP:
+        raise TokenError("malformed", f"token is malformed: {claim!r} is not a timestamp")
+    return value
+
+
+def _claims(payload: dict[str, Any]) -> TokenClaims:
+    subject, token_id = payload["sub"], payload["jti"]
+    if not isinstance(subject, str) or not isinstance(token_id, str):
+        raise TokenError("malformed", "token is malformed: 'sub' and 'jti' must be strings")
+    max_tunnels = payload.get("max_tunnels")
+    # `type(...) is int` rather than isinstance: JSON true must not count as 1.
+    if max_tunnels is not None and (type(max_tunnels) is not int or max_tunnels < 0):
+        raise TokenError("malformed", "token is malformed: 'max_tunnels' is not a count")
+    return TokenClaims(
+        subject=subject,
+        token_id=token_id,
+        issued_at=_timestamp(payload, "iat"),
+        expires_at=_timestamp(payload, "exp") if "exp" in payload else None,
+        max_tunnels=max_tunnels,
+    )
+
+
+def verify(
+    token: str,
+    public_key: Ed25519PublicKey,
+    *,
+    now: float | None = None,
+    leeway_seconds: int = DEFAULT_LEEWAY_SECONDS,
+) -> TokenClaims:
+    """The claims of ``token`` if ``public_key`` signed it and it is valid at ``now``.
+
+    Raises TokenError for every way a token can be bad, whatever the input.
+    """
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
+        raise TokenError("malformed", "token is malformed: not a string of a sane length")
+    if _TOKEN_RE.fullmatch(token) is None:
+        raise TokenError("malformed", "token is malformed: not three base64url segments")
+    claims = _claims(_decode(token, public_key))
+    current = time.time() if now is None else now
+    if claims.issued_at > current + leeway_seconds:
+        raise TokenError(
+            "not-yet-valid", f"token is not valid yet: issued at {_utc(claims.issued_at)}"
+        )
+    if claims.expires_at is not None and claims.expires_at <= current - leeway_seconds:
+        raise TokenError("expired", f"token expired at {_utc(claims.expires_at)}")
+    return claims
+
+
+def parse_duration(text: str) -> int | None:
+    """Seconds in ``30d``, ``12h``, ``15m``, ``90s`` or ``1w``; None for ``never``."""
+    folded = text.strip().lower()
+    if folded == _NEVER:
+        return None
+    match = _DURATION_RE.fullmatch(folded)
+    if match is None:
+        raise InvalidError(
+            f"invalid duration {text!r}: expected a number and a unit "
+            "(s, m, h, d or w, e.g. 30d) or 'never'"
+        )
+    seconds = int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not 0 < seconds <= MAX_TTL_SECONDS:
+        raise InvalidError(
+            f"invalid duration {text!r}: must be more than 0 and at most 100 years; "
+            "use 'never' for a token that does not expire"
+        )
+    return seconds

@@ -1,0 +1,486 @@
+"""Tests for burrow.tokens: minting, verifying, forgeries, garbage and key files."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from burrow.exception import AuthError, InvalidError
+from burrow.tokens import (
+    MAX_TOKEN_LENGTH,
+    TOKEN_ISSUER,
+    TokenClaims,
+    TokenError,
+    generate_signing_key,
+    mint,
+    parse_duration,
+    public_key_pem,
+    read_public_key,
+    read_signing_key,
+    verify,
+    write_public_key,
+    write_signing_key,
+)
+
+KEY = generate_signing_key()
+PUBLIC = KEY.public_key()
+NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def signed(header: Any, payload: Any, key: Ed25519PrivateKey = KEY) -> str:
+    """A token with any header and payload, truly signed by ``key`` (bypasses PyJWT's checks)."""
+    head = b64(json.dumps(header).encode())
+    body = b64(payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+    return f"{head}.{body}.{b64(key.sign(f'{head}.{body}'.encode()))}"
+
+
+def good_claims(**changes: Any) -> dict[str, Any]:
+    claims: dict[str, Any] = {"iss": TOKEN_ISSUER, "sub": "ci", "iat": NOW, "jti": "abc"}
+    claims.update(changes)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def reason_of(token: Any, **kwargs: Any) -> str:
+    with pytest.raises(TokenError) as info:
+        verify(token, PUBLIC, **kwargs)
+    return info.value.reason
+
+
+# Round trips
+
+
+def test_mint_and_verify() -> None:
+    token = mint(KEY, subject="alice", ttl_seconds=3600, max_tunnels=5, now=NOW)
+    claims = verify(token, PUBLIC, now=NOW + 10)
+    assert claims == TokenClaims(
+        subject="alice",
+        token_id=claims.token_id,
+        issued_at=NOW,
+        expires_at=NOW + 3600,
+        max_tunnels=5,
+    )
+    assert len(claims.token_id) == 16  # token_urlsafe(12)
+
+
+def test_token_payload_is_what_the_docs_say() -> None:
+    token = mint(KEY, subject="alice", ttl_seconds=60, now=NOW + 0.9)
+    header = json.loads(unb64(token.split(".")[0]))
+    payload = json.loads(unb64(token.split(".")[1]))
+    assert header["alg"] == "EdDSA"
+    assert set(payload) == {"iss", "sub", "iat", "exp", "jti"}
+    assert payload["iss"] == "burrow"
+    assert payload["iat"] == NOW
+    assert payload["exp"] == NOW + 60
+
+
+def test_token_without_expiry_or_limit() -> None:
+    token = mint(KEY, subject="bob", ttl_seconds=None, now=NOW)
+    assert "exp" not in json.loads(unb64(token.split(".")[1]))
+    claims = verify(token, PUBLIC, now=NOW + 100 * 365 * 86400)
+    assert claims.expires_at is None
+    assert claims.max_tunnels is None
+
+
+def test_token_ids_differ() -> None:
+    tokens = {mint(KEY, subject="x", ttl_seconds=60, now=NOW) for _ in range(100)}
+    assert len({verify(t, PUBLIC, now=NOW).token_id for t in tokens}) == 100
+
+
+def test_verify_uses_the_clock_by_default() -> None:
+    assert verify(mint(KEY, subject="x", ttl_seconds=60), PUBLIC).subject == "x"
+    with pytest.raises(TokenError) as info:
+        verify(mint(KEY, subject="x", ttl_seconds=60, now=NOW), PUBLIC)
+    assert info.value.reason == "expired"
+
+
+def test_token_error_is_an_auth_error() -> None:
+    assert issubclass(TokenError, AuthError)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"subject": "", "ttl_seconds": 60},
+        {"subject": "x" * 257, "ttl_seconds": 60},
+        {"subject": "x", "ttl_seconds": 0},
+        {"subject": "x", "ttl_seconds": -5},
+        {"subject": "x", "ttl_seconds": 10**12},
+        {"subject": "x", "ttl_seconds": 60, "max_tunnels": 0},
+    ],
+)
+def test_mint_rejects_bad_arguments(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(InvalidError):
+        mint(KEY, now=NOW, **kwargs)
+
+
+# Time
+
+
+def test_expired() -> None:
+    token = mint(KEY, subject="x", ttl_seconds=60, now=NOW)
+    with pytest.raises(TokenError, match="token expired at 2026-01-01T00:01:00Z") as info:
+        verify(token, PUBLIC, now=NOW + 60 + 30)
+    assert info.value.reason == "expired"
+
+
+def test_expiry_leeway() -> None:
+    token = mint(KEY, subject="x", ttl_seconds=60, now=NOW)
+    assert verify(token, PUBLIC, now=NOW + 60 + 29).subject == "x"
+    assert reason_of(token, now=NOW + 61, leeway_seconds=0) == "expired"
+
+
+def test_not_yet_valid() -> None:
+    token = mint(KEY, subject="x", ttl_seconds=60, now=NOW)
+    assert verify(token, PUBLIC, now=NOW - 30).subject == "x"
+    with pytest.raises(TokenError, match="not valid yet") as info:
+        verify(token, PUBLIC, now=NOW - 31)
+    assert info.value.reason == "not-yet-valid"
+
+
+# Forgeries
+
+
+def test_tampered_signature() -> None:
+    token = mint(KEY, subject="x", ttl_seconds=60, now=NOW)
+    head, body, sig = token.split(".")
+    # Change a middle character: the last one of a base64url signature
+    # carries padding bits, so changing it may leave the bytes unchanged.
+    i = len(sig) // 2
+    tampered = sig[:i] + ("A" if sig[i] != "A" else "B") + sig[i + 1 :]
+    assert reason_of(f"{head}.{body}.{tampered}", now=NOW) == "bad-signature"
+    assert reason_of(f"{head}.{body}.", now=NOW) == "bad-signature"
+
+
+def test_tampered_payload() -> None:
+    token = mint(KEY, subject="x", ttl_seconds=60, max_tunnels=1, now=NOW)
+    head, body, sig = token.split(".")
+    payload = json.loads(unb64(body))
+    payload["max_tunnels"] = 1000
+    assert reason_of(f"{head}.{b64(json.dumps(payload).encode())}.{sig}", now=NOW) == (
+        "bad-signature"
+    )
+
+
+def test_signed_by_another_key() -> None:
+    token = mint(generate_signing_key(), subject="x", ttl_seconds=60, now=NOW)
+    assert reason_of(token, now=NOW) == "bad-signature"
+
+
+def test_alg_none_forgery() -> None:
+    for alg in ("none", "None", "NONE"):
+        head = b64(json.dumps({"alg": alg, "typ": "JWT"}).encode())
+        body = b64(json.dumps(good_claims()).encode())
+        assert reason_of(f"{head}.{body}.", now=NOW) == "bad-signature"
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        public_key_pem(KEY),
+        PUBLIC.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw),
+    ],
+)
+@pytest.mark.parametrize("alg", ["HS256", "HS512"])
+def test_hmac_with_public_key_forgery(secret: bytes, alg: str) -> None:
+    digest = hashlib.sha256 if alg == "HS256" else hashlib.sha512
+    head = b64(json.dumps({"alg": alg, "typ": "JWT"}).encode())
+    body = b64(json.dumps(good_claims()).encode())
+    mac = hmac.new(secret, f"{head}.{body}".encode(), digest).digest()
+    assert reason_of(f"{head}.{body}.{b64(mac)}", now=NOW) == "bad-signature"
+
+
+def test_other_algorithm_with_a_real_signature_is_refused() -> None:
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    import jwt
+
+    token = jwt.encode(good_claims(), ec_key, algorithm="ES256")
+    assert reason_of(token, now=NOW) == "bad-signature"
+
+
+# Well signed, badly formed
+
+
+def test_control_token_built_by_hand_verifies() -> None:
+    # Guards the helpers below: a hand-built good token must pass, so that
+    # the failures in the next tests are about the claims only.
+    claims = verify(signed({"alg": "EdDSA"}, good_claims()), PUBLIC, now=NOW)
+    assert claims.subject == "ci"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        good_claims(iss="someone-else"),
+        good_claims(iss=None),
+        good_claims(sub=None),
+        good_claims(sub=5),
+        good_claims(jti=None),
+        good_claims(jti=["a"]),
+        good_claims(iat=None),
+        good_claims(iat="2026"),
+        good_claims(iat=1.5),
+        good_claims(iat=True),
+        good_claims(iat=-1),
+        good_claims(iat=10**20),
+        good_claims(exp="soon"),
+        good_claims(exp=10**20),
+        good_claims(max_tunnels=-1),
+        good_claims(max_tunnels=True),
+        good_claims(max_tunnels="3"),
+        good_claims(aud="somebody"),
+        [1, 2, 3],
+        "a string",
+        b"not json at all",
+        b"\xff\xfe",
+    ],
+)
+def test_well_signed_but_malformed(payload: Any) -> None:
+    assert reason_of(signed({"alg": "EdDSA"}, payload), now=NOW) == "malformed"
+
+
+@pytest.mark.parametrize(
+    "header", [[], "x", None, {"alg": "EdDSA", "kid": 5}, {"alg": "EdDSA", "crit": ["exp"]}]
+)
+def test_bad_headers(header: Any) -> None:
+    assert reason_of(signed(header, good_claims()), now=NOW) in {"malformed", "bad-signature"}
+
+
+# Garbage
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        None,
+        123,
+        b"bytes.are.not.tokens",
+        ["a", "b"],
+        "",
+        ".",
+        "..",
+        "a.b",
+        "a.b.c.d",
+        "a.b.c",
+        "===.===.===",
+        "\x00.\x00.\x00",
+        "\u00e9.\u00e9.\u00e9",
+        "x" * (MAX_TOKEN_LENGTH + 1),
+        "a." + "b" * MAX_TOKEN_LENGTH + ".c",
+        mint(KEY, subject="x", ttl_seconds=60, now=NOW) + "\n",
+        " " + mint(KEY, subject="x", ttl_seconds=60, now=NOW),
+    ],
+)
+def test_garbage_is_malformed(token: Any) -> None:
+    assert reason_of(token, now=NOW) == "malformed"
+
+
+def test_garbage_near_the_length_limit_is_still_just_malformed() -> None:
+    token = mint(KEY, subject="x" * 256, ttl_seconds=60, now=NOW)
+    assert len(token) < MAX_TOKEN_LENGTH
+    padded = token.split(".")
+    padded[1] += "A" * (MAX_TOKEN_LENGTH - len(token))
+    assert reason_of(".".join(padded), now=NOW) in {"malformed", "bad-signature"}
+
+
+def check_contract(token: Any) -> None:
+    """Whatever arrives, verify returns claims or raises TokenError; nothing else."""
+    try:
+        claims = verify(token, PUBLIC, now=NOW)
+    except TokenError as exc:
+        assert exc.reason in {"malformed", "bad-signature", "expired", "not-yet-valid"}
+        assert str(exc)
+    else:
+        assert isinstance(claims, TokenClaims)
+
+
+@given(st.text(max_size=5000))
+def test_random_text(token: str) -> None:
+    check_contract(token)
+
+
+@given(st.binary(max_size=500))
+def test_random_bytes(token: bytes) -> None:
+    check_contract(token)
+    check_contract(token.decode("latin-1"))
+
+
+segment = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+@given(segment, segment, segment)
+def test_random_base64_segments(a: str, b: str, c: str) -> None:
+    check_contract(f"{a}.{b}.{c}")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+claim_names = st.sampled_from(["iss", "sub", "iat", "exp", "nbf", "jti", "aud", "max_tunnels"])
+
+
+@settings(max_examples=300)
+@given(
+    st.dictionaries(st.sampled_from(["alg", "typ", "kid", "crit", "jku", "b64"]), json_values)
+    | json_values,
+    st.dictionaries(claim_names, json_values) | json_values,
+)
+def test_random_json_truly_signed(header: Any, payload: Any) -> None:
+    if isinstance(header, dict) and "alg" not in header:
+        header["alg"] = "EdDSA"
+    check_contract(signed(header, payload))
+
+
+@settings(max_examples=300)
+@given(
+    st.fixed_dictionaries(
+        {
+            "iss": st.just(TOKEN_ISSUER) | json_values,
+            "sub": st.text() | json_values,
+            "iat": st.integers() | json_values,
+            "jti": st.text() | json_values,
+        },
+        optional={"exp": st.integers() | json_values, "max_tunnels": st.integers() | json_values},
+    )
+)
+def test_random_claims_truly_signed(payload: dict[str, Any]) -> None:
+    check_contract(signed({"alg": "EdDSA"}, payload))
+
+
+# Key files
+
+
+def test_signing_key_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "signing.pem"
+    write_signing_key(KEY, path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    loaded = read_signing_key(path)
+    token = mint(loaded, subject="x", ttl_seconds=60, now=NOW)
+    assert verify(token, PUBLIC, now=NOW).subject == "x"
+
+
+def test_public_key_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "public.pem"
+    write_public_key(KEY, path)
+    assert path.read_bytes() == public_key_pem(KEY)
+    assert public_key_pem(KEY).startswith(b"-----BEGIN PUBLIC KEY-----")
+    loaded = read_public_key(path)
+    assert verify(mint(KEY, subject="x", ttl_seconds=60, now=NOW), loaded, now=NOW).subject == "x"
+
+
+def test_writing_refuses_to_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "signing.pem"
+    path.write_bytes(b"precious")
+    with pytest.raises(InvalidError, match="already exists"):
+        write_signing_key(KEY, path)
+    with pytest.raises(InvalidError, match="already exists"):
+        write_public_key(KEY, path)
+    assert path.read_bytes() == b"precious"
+
+
+def test_writing_into_a_missing_directory(tmp_path: Path) -> None:
+    path = tmp_path / "nope" / "signing.pem"
+    with pytest.raises(InvalidError, match=str(path)):
+        write_signing_key(KEY, path)
+
+
+def test_reading_missing_files_names_them(tmp_path: Path) -> None:
+    path = tmp_path / "missing.pem"
+    with pytest.raises(InvalidError, match=str(path)):
+        read_signing_key(path)
+    with pytest.raises(InvalidError, match=str(path)):
+        read_public_key(path)
+    with pytest.raises(InvalidError, match=str(tmp_path)):
+        read_signing_key(tmp_path)  # a directory
+
+
+def test_reading_the_wrong_kind_of_file(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"hello\n")
+    private = tmp_path / "private.pem"
+    write_signing_key(KEY, private)
+    public = tmp_path / "public.pem"
+    write_public_key(KEY, public)
+    ec_private = tmp_path / "ec.pem"
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    ec_private.write_bytes(
+        ec_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    ec_public = tmp_path / "ec-public.pem"
+    ec_public.write_bytes(
+        ec_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    encrypted = tmp_path / "encrypted.pem"
+    encrypted.write_bytes(
+        KEY.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    for path in (garbage, public, ec_private, encrypted):
+        with pytest.raises(InvalidError, match=str(path)):
+            read_signing_key(path)
+    for path in (garbage, private, ec_public, encrypted):
+        with pytest.raises(InvalidError, match=str(path)):
+            read_public_key(path)
+
+
+# Durations
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90s", 90),
+        ("15m", 900),
+        ("12h", 43_200),
+        ("30d", 2_592_000),
+        ("1w", 604_800),
+        ("2W", 1_209_600),
+        (" 1d ", 86_400),
+        ("never", None),
+        ("NEVER", None),
+    ],
+)
+def test_parse_duration(text: str, seconds: int | None) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "30", "d", "0s", "-1d", "1.5h", "1y", "1 d", "1d2h", "forever", "\u0661d", "99999999999w"],
+)
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(InvalidError, match="invalid duration"):
+        parse_duration(text)
