@@ -19,11 +19,11 @@ class AuthError(Error):
     """The relay refused the agent's token: wrong, expired or revoked."""
 
 
-class ConnectionError(Error):  # noqa: A001 - same name as modal.exception.ConnectionError
+class ConnectionError(Error):
     """The relay could not be reached, or the connection to it was lost."""
 
 
-class TimeoutError(Error):  # noqa: A001 - same name as modal.exception.TimeoutError
+class TimeoutError(Error):
     """An operation did not finish in the time allowed."""
 
 

@@ -102,12 +102,12 @@ class Dial(_Message):
     count: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Error(_Message):
     TYPE: ClassVar[str] = "error"
+    id: int | None = None
     code: str
     message: str
-    id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +175,14 @@ def encode(message: Message) -> bytes:
     return _LENGTH.pack(len(payload)) + payload
 
 
+def _is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def decode_payload(payload: bytes) -> Message:
     """The message in one frame's payload, or :class:`RemoteProtocolError`."""
     try:
@@ -196,6 +204,9 @@ def decode_payload(payload: bytes) -> Message:
         # bool is an int subclass in Python, but never a valid int on the wire.
         if not isinstance(value, json_type) or (json_type is int and isinstance(value, bool)):
             raise RemoteProtocolError(f"{kind}.{name} must be {json_type.__name__}")
+        # JSON escapes can spell lone surrogates, which are not text anywhere else.
+        if isinstance(value, str) and not _is_encodable(value):
+            raise RemoteProtocolError(f"{kind}.{name} is not valid Unicode")
         values[name] = value
     return _MESSAGE_TYPES[kind](**values)
 
@@ -271,8 +282,9 @@ class Connection:
 
     def send(self, message: Message) -> bytes:
         """The bytes to write for ``message``; :class:`LocalProtocolError` if not allowed now."""
+        data = encode(message)  # first: a message too large to encode changes nothing
         self.state = self._advance(self.role, message, LocalProtocolError)
-        return encode(message)
+        return data
 
     def receive_data(self, data: bytes) -> None:
         """Buffer bytes read from the peer."""
@@ -322,12 +334,16 @@ class Connection:
     ) -> State:
         key = (self.kind, self.state, sender, type(message))
         try:
-            return _TRANSITIONS[key]
+            state = _TRANSITIONS[key]
         except KeyError:
             raise error(
                 f"{sender.value} may not send {message.TYPE} on a {self.kind.value} "
                 f"connection in state {self.state.value}"
             ) from None
+        # An error that answers no request ends the whole session.
+        if isinstance(message, Error) and message.id is None:
+            return State.CLOSED
+        return state
 
 
 class Heartbeat:
@@ -362,7 +378,7 @@ class Heartbeat:
         return min(self._last_sent + self.interval, self._last_received + self.timeout)
 
     def poll(self, now: float) -> Ping | None:
-        """A ping to send now, or ``None``; :class:`TimeoutError` if the peer is gone."""
+        """A ping to send now, or ``None``; :class:`HeartbeatTimeout` if the peer is gone."""
         if now >= self._last_received + self.timeout:
             raise HeartbeatTimeout(f"nothing received for {now - self._last_received:.1f}s")
         if now >= self._last_sent + self.interval:

@@ -1,0 +1,196 @@
+"""``burrow.forward()`` and ``burrow.Client``: the agent inside the calling process.
+
+The agent runs on an event loop in one background thread per process, with
+one session per relay and token, shared by all the process's tunnels. A
+tunnel lives exactly as long as its ``with`` block and its process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+from burrow.agent.session import AgentSession, Settings
+from burrow.exception import InvalidError
+from burrow.tunnel import Tunnel
+
+T = TypeVar("T")
+
+ENV_RELAY: Final = "BURROW_RELAY"
+ENV_TOKEN: Final = "BURROW_TOKEN"
+ENV_CA: Final = "BURROW_CA"
+
+
+@dataclass(frozen=True)
+class Client:
+    """Explicit relay settings; any left as ``None`` come from the environment."""
+
+    relay: str | None = None
+    """``host:port`` of the relay (``BURROW_RELAY``)."""
+
+    token: str | None = None
+    """Agent token (``BURROW_TOKEN``)."""
+
+    ca: str | Path | None = None
+    """CA certificate file to trust for the relay (``BURROW_CA``)."""
+
+    def settings(self) -> Settings:
+        relay = self.relay or os.environ.get(ENV_RELAY)
+        token = self.token or os.environ.get(ENV_TOKEN)
+        ca = self.ca or os.environ.get(ENV_CA) or None
+        if not relay or not token:
+            missing = [
+                name for name, value in ((ENV_RELAY, relay), (ENV_TOKEN, token)) if not value
+            ]
+            raise InvalidError(
+                "Forwarding works only inside a burrow workload: no relay credentials "
+                f"were found ({', '.join(missing)} not set). Set {ENV_RELAY} and {ENV_TOKEN} "
+                f"(and {ENV_CA} for a private CA), for example from `burrow dev --env-file`, "
+                "or pass client=burrow.Client(relay=..., token=...)."
+            )
+        return Settings(relay=relay, token=token.strip(), ca=Path(ca) if ca else None)
+
+
+class _Runtime:
+    """The background thread and event loop that every tunnel of the process shares."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sessions: dict[Settings, AgentSession] = {}
+        self._session_locks: dict[Settings, asyncio.Lock] = {}
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                ready = threading.Event()
+                holder: list[asyncio.AbstractEventLoop] = []
+
+                def run() -> None:
+                    loop = _new_event_loop()
+                    asyncio.set_event_loop(loop)
+                    holder.append(loop)
+                    ready.set()
+                    loop.run_forever()
+
+                thread = threading.Thread(target=run, name="burrow-agent", daemon=True)
+                thread.start()
+                ready.wait()
+                self._loop = holder[0]
+            return self._loop
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop())
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the agent loop and wait for it from a plain thread."""
+        loop = self.loop()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise InvalidError("burrow's blocking API cannot be called from its own event loop")
+        return self.submit(coro).result()
+
+    async def session(self, settings: Settings) -> AgentSession:
+        """The live session for these settings, connecting one if needed (on the agent loop)."""
+        lock = self._session_locks.setdefault(settings, asyncio.Lock())
+        async with lock:
+            session = self._sessions.get(settings)
+            if session is None or session.closed:
+                session = await AgentSession.connect(settings)
+                self._sessions[settings] = session
+            return session
+
+    async def close_all(self) -> None:
+        sessions = list(self._sessions.values())
+        self._sessions.clear()
+        for session in sessions:
+            await session.close()
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+runtime = _Runtime()
+
+
+def _check_port(port: object) -> int:
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise InvalidError(f"The port argument should be an int, not {port!r}")
+    if not 1 <= port <= 65535:
+        raise InvalidError(f"Invalid port number {port}")
+    return port
+
+
+class forward:
+    """Publish a local port for the duration of a ``with`` or ``async with`` block.
+
+    ``forward(port)`` gives an HTTPS address whose TLS the relay ends;
+    ``unencrypted=True`` also gives a raw TCP socket; ``h2_enabled=True``
+    lets visitors speak HTTP/2 (the local server must then accept h2c).
+    """
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        unencrypted: bool = False,
+        h2_enabled: bool = False,
+        client: Client | None = None,
+    ) -> None:
+        self.port = _check_port(port)
+        if h2_enabled and unencrypted:
+            raise InvalidError("H2 can only be used with encrypted ports")
+        self.unencrypted = unencrypted
+        self.h2_enabled = h2_enabled
+        self.settings = (client or Client()).settings()
+        self._tunnel: Tunnel | None = None
+        self._session: AgentSession | None = None
+
+    async def _open(self) -> Tunnel:
+        session = await runtime.session(self.settings)
+        tunnel = await session.open_tunnel(self.port, tcp=self.unencrypted, h2=self.h2_enabled)
+        self._session = session
+        self._tunnel = tunnel
+        return tunnel
+
+    async def _close(self) -> None:
+        if self._session is not None and self._tunnel is not None:
+            await self._session.close_tunnel(self._tunnel)
+        self._session = None
+
+    def __enter__(self) -> Tunnel:
+        return runtime.run(self._open())
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        runtime.run(self._close())
+
+    async def __aenter__(self) -> Tunnel:
+        return await asyncio.wrap_future(runtime.submit(self._open()))
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.wrap_future(runtime.submit(self._close()))

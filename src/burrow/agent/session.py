@@ -1,0 +1,393 @@
+"""The agent's session with one relay: control connection, data-connection pool, tunnels.
+
+"What happens when a visitor arrives", seen from the workload, is
+:meth:`AgentSession._serve_data_connection`: a pooled data connection is
+bound to one of our tunnels and joined to a fresh connection to that
+tunnel's local port, and to no other address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from burrow import __version__, names, protocol, tls
+from burrow.channel import Channel
+from burrow.exception import (
+    AuthError,
+    ConnectionError,
+    InvalidError,
+    LocalProtocolError,
+    RelayError,
+    RemoteProtocolError,
+)
+from burrow.pump import Splice
+from burrow.stream import Stream, TlsStream
+from burrow.tunnel import Tunnel
+
+log = logging.getLogger("burrow.agent")
+
+# Attempts at reaching the relay before forward() gives up, and the first
+# pause between them (doubled each time): rides out a relay restart of a
+# second or two without hiding a relay that is really down.
+CONNECT_ATTEMPTS: Final = 4
+CONNECT_BACKOFF: Final = 0.25
+
+# One TCP connect plus TLS handshake to the relay.
+CONNECT_TIMEOUT: Final = 10.0
+
+# The relay answers hello, open and close in one round trip; this only
+# guards against a relay that has stopped answering.
+REPLY_TIMEOUT: Final = 30.0
+
+# The addresses a tunnel's local port is tried at, in order; both are this
+# machine, so a bind frame can never lead anywhere else.
+LOCAL_HOSTS: Final = ("127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the relay is and how to prove who we are."""
+
+    relay: str
+    """``host:port`` of the relay's public TLS port."""
+
+    token: str
+    """Signed agent token."""
+
+    ca: Path | None = None
+    """Extra CA certificate to trust for the relay (a private or dev CA)."""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return names.parse_address(self.relay, 443)
+
+
+@dataclass(eq=False)
+class AgentTunnel:
+    """One of our published tunnels."""
+
+    id: int
+    local_port: int
+    tunnel: Tunnel
+    splices: set[Splice] = field(default_factory=set)
+
+
+class AgentSession:
+    """A live session with a relay; create with :meth:`connect`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.host, self.port = settings.address
+        self._context = tls.client_context(settings.ca, [protocol.ALPN_CONTROL])
+        self._data_context = tls.client_context(settings.ca, [protocol.ALPN_DATA])
+        self.tunnels: dict[int, AgentTunnel] = {}
+        self.ports: set[int] = set()
+        self._next_id = 1
+        self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
+        self._channel: Channel | None = None
+        self._welcome: protocol.Welcome | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reader: asyncio.Task[None] | None = None
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> AgentSession:
+        """Open a session, retrying a few times; raises AuthError or ConnectionError."""
+        session = cls(settings)
+        delay = CONNECT_BACKOFF
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            try:
+                await session._handshake()
+                return session
+            except ConnectionError as exc:
+                if attempt == CONNECT_ATTEMPTS:
+                    raise ConnectionError(
+                        f"could not reach the burrow relay at {settings.relay} after "
+                        f"{CONNECT_ATTEMPTS} attempts: {exc}"
+                    ) from exc
+                log.info("relay %s: %s; retrying in %.2fs", settings.relay, exc, delay)
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    async def _dial(self, context: ssl.SSLContext) -> TlsStream:
+        """One TLS connection to the relay's public port, SNI = the relay's name."""
+        loop = asyncio.get_running_loop()
+        handshake: asyncio.Future[None] = loop.create_future()
+
+        def done(stream: TlsStream, exc: BaseException | None) -> None:
+            if handshake.done():
+                return
+            if exc is None:
+                handshake.set_result(None)
+            else:
+                handshake.set_exception(exc)
+
+        def factory() -> TlsStream:
+            return TlsStream(
+                context,
+                server_side=False,
+                server_hostname=self.host,
+                on_handshake=done,
+                handshake_timeout=CONNECT_TIMEOUT,
+            )
+
+        try:
+            _, stream = await asyncio.wait_for(
+                loop.create_connection(factory, names.resolve_host(self.host), self.port),
+                CONNECT_TIMEOUT,
+            )
+            await handshake
+        except ssl.SSLCertVerificationError as exc:
+            raise ConnectionError(
+                f"the relay at {self.settings.relay} has a certificate we do not trust "
+                f"({exc.verify_message}); set BURROW_CA to its CA certificate"
+            ) from exc
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+        return stream
+
+    async def _handshake(self) -> None:
+        stream = await self._dial(self._context)
+        channel = Channel(stream, protocol.Connection(protocol.Kind.CONTROL, protocol.Role.AGENT))
+        channel.send(
+            protocol.Hello(
+                version=protocol.PROTOCOL_VERSION,
+                token=self.settings.token,
+                agent=f"burrow/{__version__}",
+            )
+        )
+        try:
+            reply = await asyncio.wait_for(channel.receive(), REPLY_TIMEOUT)
+        except (TimeoutError, RemoteProtocolError) as exc:
+            channel.close()
+            raise ConnectionError(f"the relay did not welcome us: {exc}") from exc
+        if isinstance(reply, protocol.Error):
+            channel.close()
+            if reply.code == protocol.CODE_AUTH:
+                raise AuthError(
+                    f"the relay at {self.settings.relay} refused the token: {reply.message}"
+                )
+            raise RelayError(reply.code, reply.message)
+        if not isinstance(reply, protocol.Welcome):
+            channel.close()
+            raise ConnectionError("the relay closed the connection before welcoming us")
+        self._channel = channel
+        self._welcome = reply
+        self._reader = asyncio.get_running_loop().create_task(self._read_control())
+        for _ in range(reply.pool):
+            self._spawn(self._serve_data_connection())
+        log.info("session %s with relay %s", reply.session, self.settings.relay)
+
+    def _spawn(self, coro: object) -> None:
+        assert asyncio.iscoroutine(coro)
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- control connection -----------------------------------------------
+
+    async def _read_control(self) -> None:
+        assert self._channel is not None and self._welcome is not None
+        channel = self._channel
+        heartbeat = protocol.Heartbeat(self._welcome.heartbeat, time.monotonic())
+        reason: BaseException = ConnectionError(
+            f"the relay at {self.settings.relay} closed the session"
+        )
+        try:
+            while True:
+                timeout = max(0.0, heartbeat.deadline() - time.monotonic())
+                try:
+                    message = await asyncio.wait_for(channel.receive(), timeout)
+                except TimeoutError:
+                    ping = heartbeat.poll(time.monotonic())
+                    if ping is not None:
+                        channel.send(ping)
+                    continue
+                if message is None:
+                    break
+                heartbeat.received(time.monotonic())
+                self._handle(message)
+        except (RemoteProtocolError, ConnectionError) as exc:
+            reason = ConnectionError(f"session with {self.settings.relay} lost: {exc}")
+            log.warning("%s", reason)
+        finally:
+            self._end(reason)
+
+    def _handle(self, message: protocol.Message) -> None:
+        match message:
+            case protocol.Opened(id=tunnel_id) | protocol.Closed(id=tunnel_id):
+                self._resolve(tunnel_id, message)
+            case protocol.Error(id=None):
+                log.warning("relay ended the session: %s (%s)", message.message, message.code)
+                if self._channel is not None:
+                    self._channel.close()
+            case protocol.Error(id=int(tunnel_id)):
+                self._resolve(tunnel_id, message)
+            case protocol.Dial(count=count):
+                for _ in range(min(count, 64)):
+                    self._spawn(self._serve_data_connection())
+            case protocol.Ping(seq=seq):
+                self._send(protocol.Pong(seq=seq))
+            case _:
+                pass
+
+    def _resolve(self, tunnel_id: int, message: protocol.Message) -> None:
+        future = self._pending.pop(tunnel_id, None)
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    def _send(self, message: protocol.Message) -> None:
+        if self._channel is None or self.closed:
+            raise ConnectionError(f"the session with {self.settings.relay} is closed")
+        try:
+            self._channel.send(message)
+        except LocalProtocolError as exc:  # pragma: no cover - a bug in burrow
+            raise ConnectionError(str(exc)) from exc
+
+    async def _request(self, tunnel_id: int, message: protocol.Message) -> protocol.Message:
+        future: asyncio.Future[protocol.Message] = asyncio.get_running_loop().create_future()
+        self._pending[tunnel_id] = future
+        self._send(message)
+        try:
+            return await asyncio.wait_for(future, REPLY_TIMEOUT)
+        except TimeoutError as exc:
+            raise ConnectionError(f"the relay at {self.settings.relay} did not answer") from exc
+        finally:
+            self._pending.pop(tunnel_id, None)
+
+    # -- tunnels ------------------------------------------------------------
+
+    async def open_tunnel(self, port: int, *, tcp: bool, h2: bool) -> Tunnel:
+        """Publish ``port``: one round trip to the relay."""
+        if port in self.ports:
+            raise InvalidError(f"Port {port} is already forwarded")
+        tunnel_id = self._next_id
+        self._next_id += 1
+        self.ports.add(port)
+        try:
+            reply = await self._request(
+                tunnel_id, protocol.Open(id=tunnel_id, port=port, tcp=tcp, h2=h2)
+            )
+        except BaseException:
+            self.ports.discard(port)
+            raise
+        if isinstance(reply, protocol.Error):
+            self.ports.discard(port)
+            raise RelayError(reply.code, f"the relay refused to open a tunnel: {reply.message}")
+        assert isinstance(reply, protocol.Opened)
+        tunnel = Tunnel(
+            host=reply.host,
+            port=reply.port,
+            unencrypted_host=reply.tcp_host,
+            unencrypted_port=reply.tcp_port,
+        )
+        self.tunnels[tunnel_id] = AgentTunnel(id=tunnel_id, local_port=port, tunnel=tunnel)
+        return tunnel
+
+    async def close_tunnel(self, tunnel: Tunnel) -> None:
+        """Unpublish: when this returns, the relay routes the name nowhere."""
+        for agent_tunnel in list(self.tunnels.values()):
+            if agent_tunnel.tunnel is tunnel:
+                break
+        else:
+            return
+        del self.tunnels[agent_tunnel.id]
+        self.ports.discard(agent_tunnel.local_port)
+        for splice in list(agent_tunnel.splices):
+            splice.close()
+        if self.closed:
+            return
+        with contextlib.suppress(ConnectionError):
+            await self._request(agent_tunnel.id, protocol.Close(id=agent_tunnel.id))
+
+    # -- data connections -----------------------------------------------------
+
+    async def _serve_data_connection(self) -> None:
+        """Wait in the pool for a visitor, then join it to the tunnel's local port."""
+        if self.closed or self._welcome is None:
+            return
+        try:
+            stream = await self._dial(self._data_context)
+        except ConnectionError as exc:
+            log.warning("data connection to %s failed: %s", self.settings.relay, exc)
+            return
+        channel = Channel(stream, protocol.Connection(protocol.Kind.DATA, protocol.Role.AGENT))
+        channel.send(protocol.Attach(session=self._welcome.session, key=self._welcome.key))
+        try:
+            bind = await channel.receive()
+        except asyncio.CancelledError:
+            stream.abort()
+            raise
+        except (RemoteProtocolError, ConnectionError) as exc:
+            log.info("data connection ended before a visitor: %s", exc)
+            stream.abort()
+            return
+        if not isinstance(bind, protocol.Bind):
+            if isinstance(bind, protocol.Error):
+                log.warning("relay refused a data connection: %s", bind.message)
+            stream.close()
+            return
+        agent_tunnel = self.tunnels.get(bind.id)
+        if agent_tunnel is None:
+            stream.close()
+            return
+        local = await self._connect_local(agent_tunnel.local_port)
+        if local is None or agent_tunnel.id not in self.tunnels:
+            log.info(
+                "visitor %s: nothing listens on local port %d",
+                bind.visitor,
+                agent_tunnel.local_port,
+            )
+            if local is not None:
+                local.abort()
+            stream.close()
+            return
+        splice = Splice(stream, local, on_done=agent_tunnel.splices.discard)
+        agent_tunnel.splices.add(splice)
+        splice.start(a_first=channel.trailing)
+
+    async def _connect_local(self, port: int) -> Stream | None:
+        loop = asyncio.get_running_loop()
+        for host in LOCAL_HOSTS:
+            try:
+                _, local = await loop.create_connection(Stream, host, port)
+            except OSError:
+                continue
+            local.pause_reading()
+            return local
+        return None
+
+    # -- ending ---------------------------------------------------------------
+
+    def _end(self, reason: BaseException) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(reason)
+        self._pending.clear()
+        for agent_tunnel in self.tunnels.values():
+            for splice in list(agent_tunnel.splices):
+                splice.close()
+        self.tunnels.clear()
+        self.ports.clear()
+        if self._channel is not None:
+            self._channel.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def close(self) -> None:
+        self._end(ConnectionError("the session was closed"))
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader

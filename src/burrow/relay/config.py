@@ -1,0 +1,70 @@
+"""What an operator sets when running a relay."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+# A TLS handshake that has not finished by then is someone holding a socket
+# open for nothing; real clients finish in a few round trips.
+HANDSHAKE_TIMEOUT: Final = 10.0
+
+# Seconds between heartbeats on a control connection; three missed in a row
+# end the session (see protocol.Heartbeat).
+HEARTBEAT_INTERVAL: Final = 10
+
+# Idle data connections an agent keeps ready per session. Four covers a
+# browser opening its usual burst of connections without a dial round trip.
+POOL_SIZE: Final = 4
+
+# How long a visitor waits for a data connection when the pool is empty.
+POOL_WAIT_SECONDS: Final = 10.0
+
+# Tunnels one session may hold; a guard against a runaway agent, far above
+# what one process forwards.
+MAX_TUNNELS_PER_SESSION: Final = 1024
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Settings of one relay process."""
+
+    domain: str
+    """The relay's own name; tunnels are ``<label>.<domain>``."""
+
+    cert: Path
+    """PEM certificate chain covering ``domain`` and ``*.domain``."""
+
+    key: Path
+    """PEM private key of ``cert``."""
+
+    public_key: Path
+    """Ed25519 public key that agent tokens must be signed with."""
+
+    listen: tuple[tuple[str, int], ...] = (("0.0.0.0", 443), ("::", 443))
+    """(host, port) pairs for the public TLS port; visitors and agents share it."""
+
+    public_port: int | None = None
+    """The TLS port visitors use, for URLs; defaults to the first listen port."""
+
+    tcp_ports: tuple[int, int] = (20000, 29999)
+    """Inclusive range that raw TCP tunnels get their random port from."""
+
+    tcp_host: str | None = None
+    """The name visitors use for raw TCP tunnels; defaults to ``domain``."""
+
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    """Seconds a TLS handshake may take before the socket is closed."""
+
+    heartbeat: int = HEARTBEAT_INTERVAL
+    """Seconds between heartbeats on control connections."""
+
+    pool_size: int = POOL_SIZE
+    """Idle data connections each agent keeps open."""
+
+    max_tunnels_per_session: int = MAX_TUNNELS_PER_SESSION
+    """Tunnels one agent session may hold at once."""
+
+    extra: dict[str, str] = field(default_factory=dict)
+    """Free-form labels shown in logs."""

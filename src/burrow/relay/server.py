@@ -1,0 +1,338 @@
+"""The relay: one public TLS port for visitors and agents, plus raw TCP ports.
+
+Every connection to the public port is sorted by its TLS server name (SNI)
+and ALPN: the relay's own name with a burrow ALPN id is an agent's control
+or data connection; ``<label>.<domain>`` is a visitor for that tunnel.
+"What happens when a visitor arrives" is :meth:`Relay.serve_visitor`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import random
+import ssl
+from typing import Final
+
+from burrow import names, protocol, tls, tokens
+from burrow.channel import Channel
+from burrow.exception import ConnectionError, LocalProtocolError, RemoteProtocolError
+from burrow.pump import Splice
+from burrow.relay.config import POOL_WAIT_SECONDS, RelayConfig
+from burrow.relay.session import RelayTunnel, Session
+from burrow.stream import Stream, TlsStream
+
+log = logging.getLogger("burrow.relay")
+
+# The answer to anyone who speaks plain HTTP to the TLS port.
+PLAIN_HTTP_REPLY: Final = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconnection: close\r\n"
+    b"content-length: 43\r\n\r\nburrow: this port speaks HTTPS; use https://\n"
+)
+
+_NOT_FOUND_BODY: Final = b"burrow: no tunnel at this address\n"
+NOT_FOUND_REPLY: Final = (
+    b"HTTP/1.1 404 Not Found\r\ncontent-type: text/plain\r\nconnection: close\r\n"
+    + f"content-length: {len(_NOT_FOUND_BODY)}\r\n\r\n".encode()
+    + _NOT_FOUND_BODY
+)
+
+# The first frame (hello or attach) must come soon after the handshake.
+FIRST_FRAME_TIMEOUT: Final = 10.0
+
+# Attempts at binding a random port of the TCP range before giving up; the
+# range is usually mostly free, so a few tries find one.
+TCP_PORT_ATTEMPTS: Final = 64
+
+ALPN_VISITOR: Final = ("http/1.1",)
+ALPN_VISITOR_H2: Final = ("h2", "http/1.1")
+
+
+class Relay:
+    """A running relay. Use ``await Relay.start(config)`` and ``await relay.close()``."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.domain = names.normalize_domain(config.domain)
+        self.public_key = tokens.read_public_key(config.public_key)
+        self.sessions: dict[str, Session] = {}
+        self.routes: dict[str, RelayTunnel] = {}
+        self.shutting_down = False
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.tcp_host = config.tcp_host or self.domain
+        self.public_port = config.public_port or 0
+
+        self._agent_context = tls.server_context(
+            config.cert, config.key, [protocol.ALPN_CONTROL, protocol.ALPN_DATA]
+        )
+        self._visitor_context = tls.server_context(config.cert, config.key, ALPN_VISITOR)
+        self._visitor_h2_context = tls.server_context(config.cert, config.key, ALPN_VISITOR_H2)
+        self._agent_context.sni_callback = self._pick_context
+
+    @classmethod
+    async def start(cls, config: RelayConfig) -> Relay:
+        relay = cls(config)
+        await relay._listen()
+        return relay
+
+    async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port in self.config.listen:
+            server = await loop.create_server(self._new_public_stream, host, port)
+            self._servers.append(server)
+        if not self.public_port:
+            self.public_port = self.bound_port
+        for server in self._servers:
+            for sock in server.sockets:
+                log.info("relay %s listening on %s", self.domain, sock.getsockname()[:2])
+
+    @property
+    def bound_port(self) -> int:
+        """The port of the first public listener (useful with port 0)."""
+        port: int = self._servers[0].sockets[0].getsockname()[1]
+        return port
+
+    async def close(self) -> None:
+        self.shutting_down = True
+        for server in self._servers:
+            server.close()
+        for session in list(self.sessions.values()):
+            session.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+
+    def _spawn(self, coro: object) -> None:
+        assert asyncio.iscoroutine(coro)
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the public port: TLS and who is calling ---------------------------
+
+    def _new_public_stream(self) -> TlsStream:
+        return TlsStream(
+            self._agent_context,
+            server_side=True,
+            on_handshake=self._on_handshake,
+            handshake_timeout=self.config.handshake_timeout,
+            plain_reply=PLAIN_HTTP_REPLY,
+        )
+
+    def _pick_context(
+        self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
+    ) -> int | None:
+        """SNI callback: our own name keeps the agent context; a label gets a visitor one."""
+        if server_name is None:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        name = server_name.lower().rstrip(".")
+        ssl_object.burrow_server_name = name  # type: ignore[attr-defined]
+        if name == self.domain:
+            return None
+        label = names.label_of(name, self.domain)
+        if label is None:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        tunnel = self.routes.get(label)
+        h2 = tunnel is not None and tunnel.h2
+        ssl_object.context = self._visitor_h2_context if h2 else self._visitor_context
+        return None
+
+    def _on_handshake(self, stream: TlsStream, exc: BaseException | None) -> None:
+        if exc is not None:
+            log.debug("TLS handshake from %s failed: %s", stream.peername, exc)
+            return
+        stream.pause_reading()
+        name = stream.server_name
+        if name == self.domain:
+            alpn = stream.alpn
+            if alpn == protocol.ALPN_CONTROL:
+                self._spawn(self._serve_control(stream))
+            elif alpn == protocol.ALPN_DATA:
+                self._spawn(self._serve_data(stream))
+            else:
+                stream.resume_reading()
+                stream.write(NOT_FOUND_REPLY)
+                stream.close()
+            return
+        label = names.label_of(name, self.domain) if name else None
+        tunnel = self.routes.get(label) if label else None
+        if tunnel is None:
+            stream.write(NOT_FOUND_REPLY)
+            stream.close()
+            return
+        self._spawn(self.serve_visitor(tunnel, stream))
+
+    # -- agents ---------------------------------------------------------------
+
+    async def _first_frame(self, channel: Channel) -> protocol.Message | None:
+        try:
+            return await asyncio.wait_for(channel.receive(), FIRST_FRAME_TIMEOUT)
+        except (TimeoutError, RemoteProtocolError, ConnectionError) as exc:
+            log.info("agent %s: no valid first frame: %s", channel.stream.peername, exc)
+            if isinstance(exc, RemoteProtocolError):
+                with contextlib.suppress(LocalProtocolError):
+                    channel.send(protocol.Error(code=protocol.CODE_PROTOCOL, message=str(exc)))
+            channel.close()
+            return None
+
+    async def _serve_control(self, stream: TlsStream) -> None:
+        channel = Channel(stream, protocol.Connection(protocol.Kind.CONTROL, protocol.Role.RELAY))
+        stream.resume_reading()
+        hello = await self._first_frame(channel)
+        if hello is None:
+            return
+        assert isinstance(hello, protocol.Hello)  # the state table allows nothing else first
+
+        def refuse(code: str, message: str) -> None:
+            log.warning("agent %s refused: %s", stream.peername, message)
+            channel.send(protocol.Error(code=code, message=message))
+            channel.close()
+
+        if hello.version != protocol.PROTOCOL_VERSION:
+            refuse(
+                protocol.CODE_VERSION,
+                f"this relay speaks protocol version "
+                f"{protocol.PROTOCOL_VERSION}, not {hello.version}",
+            )
+            return
+        try:
+            claims = tokens.verify(hello.token, self.public_key)
+        except tokens.TokenError as exc:
+            refuse(protocol.CODE_AUTH, str(exc))
+            return
+        if self.shutting_down:
+            refuse(protocol.CODE_SHUTTING_DOWN, "the relay is shutting down")
+            return
+        session = Session(self, channel, claims)
+        self.sessions[session.id] = session
+        log.info(
+            "session %s for %s from %s (%s)",
+            session.id,
+            claims.subject,
+            stream.peername,
+            hello.agent,
+        )
+        channel.send(
+            protocol.Welcome(
+                session=session.id,
+                key=session.key,
+                domain=self.domain,
+                heartbeat=self.config.heartbeat,
+                pool=self.config.pool_size,
+            )
+        )
+        await session.run()
+
+    async def _serve_data(self, stream: TlsStream) -> None:
+        channel = Channel(stream, protocol.Connection(protocol.Kind.DATA, protocol.Role.RELAY))
+        stream.resume_reading()
+        attach = await self._first_frame(channel)
+        if attach is None:
+            return
+        assert isinstance(attach, protocol.Attach)
+        session = self.sessions.get(attach.session)
+        if session is None or not hmac.compare_digest(attach.key.encode(), session.key.encode()):
+            log.warning("data connection from %s refused: bad attach", stream.peername)
+            channel.send(
+                protocol.Error(
+                    code=protocol.CODE_BAD_ATTACH, message="unknown session or wrong key"
+                )
+            )
+            channel.close()
+            return
+        # The channel's protocol state stays POOLED until serve_visitor binds it.
+        session.add_data_connection(channel)
+
+    # -- visitors -------------------------------------------------------------
+
+    async def serve_visitor(self, tunnel: RelayTunnel, visitor: Stream) -> None:
+        """Join a visitor to the tunnel's agent through a fresh data connection."""
+        visitor.pause_reading()
+        data = await tunnel.session.take_data_connection(POOL_WAIT_SECONDS)
+        if data is None or tunnel.closed or visitor.closed:
+            if data is not None:
+                tunnel.session.add_data_connection(data)
+            visitor.close()
+            return
+        data.send(protocol.Bind(id=tunnel.id, visitor=visitor.peername))
+        splice = Splice(visitor, data.stream, on_done=tunnel.splices.discard)
+        tunnel.splices.add(splice)
+        splice.start()
+
+    # -- tunnels --------------------------------------------------------------
+
+    def new_tunnel(self, session: Session, message: protocol.Open) -> RelayTunnel:
+        label = names.new_label()
+        while label in self.routes:  # 72 bits: never in practice, but cheap to rule out
+            label = names.new_label()
+        tunnel = RelayTunnel(
+            session=session,
+            id=message.id,
+            label=label,
+            host=f"{label}.{self.domain}",
+            h2=message.h2,
+            local_port=message.port,
+        )
+        self.routes[label] = tunnel
+        log.info(
+            "tunnel %s published for session %s (local port %d%s%s)",
+            tunnel.host,
+            session.id,
+            message.port,
+            ", tcp" if message.tcp else "",
+            ", h2" if message.h2 else "",
+        )
+        return tunnel
+
+    async def open_tcp_port(self, tunnel: RelayTunnel) -> None:
+        """Listen on a random free port of the TCP range for this tunnel."""
+        low, high = self.config.tcp_ports
+        loop = asyncio.get_running_loop()
+        hosts = [host for host, _ in self.config.listen]
+        last_error: OSError | None = None
+        for _ in range(TCP_PORT_ATTEMPTS):
+            port = random.randint(low, high)
+            servers: list[asyncio.Server] = []
+            try:
+                for host in hosts:
+                    servers.append(
+                        await loop.create_server(lambda: self._new_tcp_visitor(tunnel), host, port)
+                    )
+            except OSError as exc:
+                last_error = exc
+                for server in servers:
+                    server.close()
+                continue
+            tunnel.tcp_port = port
+            tunnel.tcp_servers = servers
+            return
+        raise OSError(f"no free port found in the TCP range {low}-{high}: {last_error}")
+
+    def _new_tcp_visitor(self, tunnel: RelayTunnel) -> Stream:
+        def connected(stream: Stream) -> None:
+            if tunnel.closed:
+                stream.abort()
+            else:
+                self._spawn(self.serve_visitor(tunnel, stream))
+
+        return Stream(on_connected=connected)
+
+    def unpublish(self, tunnel: RelayTunnel) -> None:
+        """Stop routing the tunnel and close its visitors; new visitors are refused at once."""
+        if tunnel.closed:
+            return
+        tunnel.closed = True
+        if self.routes.get(tunnel.label) is tunnel:
+            del self.routes[tunnel.label]
+        for server in tunnel.tcp_servers:
+            server.close()
+        for splice in list(tunnel.splices):
+            splice.close()
+        tunnel.splices.clear()
+        tunnel.session.tunnels.pop(tunnel.id, None)
+        log.info("tunnel %s closed", tunnel.host)

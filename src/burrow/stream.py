@@ -1,0 +1,365 @@
+"""Byte streams over TCP, in the clear or TLS, with one interface for burrow's I/O shells.
+
+burrow runs TLS itself (``ssl.SSLObject`` over memory BIOs) instead of using
+asyncio's TLS transport, because asyncio's cannot half-close: a visitor's
+EOF must travel through the relay's TLS data connection as a TLS
+``close_notify`` while bytes keep flowing the other way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Final, Protocol, cast
+
+# Bytes per TLS read call; big reads amortise Python's per-call cost.
+TLS_READ_SIZE: Final = 256 * 1024
+
+# A transport whose kernel-side backlog passes this many bytes asks its
+# producer to pause; big enough to keep a fast link busy, small enough that
+# a slow visitor cannot make the relay hold much of anyone's stream.
+WRITE_HIGH_WATER: Final = 512 * 1024
+WRITE_LOW_WATER: Final = 128 * 1024
+
+
+class Receiver(Protocol):
+    """What a stream tells whoever consumes it."""
+
+    def on_data(self, stream: Stream, data: bytes) -> None: ...
+
+    def on_eof(self, stream: Stream) -> None: ...
+
+    def on_close(self, stream: Stream, exc: BaseException | None) -> None: ...
+
+    def on_pause_writing(self, stream: Stream) -> None: ...
+
+    def on_resume_writing(self, stream: Stream) -> None: ...
+
+
+class _Unclaimed:
+    """Holds what arrives before anyone claims the stream."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.eof = False
+        self.closed: tuple[BaseException | None] | None = None
+
+    def on_data(self, stream: Stream, data: bytes) -> None:
+        self.data += data
+
+    def on_eof(self, stream: Stream) -> None:
+        self.eof = True
+
+    def on_close(self, stream: Stream, exc: BaseException | None) -> None:
+        self.closed = (exc,)
+
+    def on_pause_writing(self, stream: Stream) -> None:
+        pass
+
+    def on_resume_writing(self, stream: Stream) -> None:
+        pass
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Stream(asyncio.Protocol):
+    """A plain TCP byte stream; :class:`TlsStream` adds TLS on top."""
+
+    def __init__(self, on_connected: Callable[[Stream], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._on_connected_callback = on_connected
+        self._receiver: Receiver = _Unclaimed()
+        self.closed = False
+        self.eof_sent = False
+        self.peer_eof = False
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        set_nodelay(transport)
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self._on_connected()
+
+    def _on_connected(self) -> None:
+        if self._on_connected_callback is not None:
+            self._on_connected_callback(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._receiver.on_data(self, data)
+
+    def eof_received(self) -> bool:
+        self._deliver_eof()
+        return True  # keep our write side open: the peer only half-closed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.closed = True
+            self._receiver.on_close(self, exc)
+
+    def pause_writing(self) -> None:
+        self._receiver.on_pause_writing(self)
+
+    def resume_writing(self) -> None:
+        self._receiver.on_resume_writing(self)
+
+    # -- for consumers ----------------------------------------------------
+
+    def set_receiver(self, receiver: Receiver) -> None:
+        """Hand the stream to ``receiver``, replaying anything that arrived before."""
+        held = self._receiver
+        self._receiver = receiver
+        if isinstance(held, _Unclaimed):
+            if held.data:
+                receiver.on_data(self, bytes(held.data))
+            if held.eof:
+                receiver.on_eof(self)
+            if held.closed is not None:
+                receiver.on_close(self, held.closed[0])
+
+    def _deliver_eof(self) -> None:
+        if not self.peer_eof:
+            self.peer_eof = True
+            self._receiver.on_eof(self)
+
+    @property
+    def peername(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        if not peer:
+            return "?"
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed and not self.eof_sent:
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if self.transport is None or self.closed or self.eof_sent:
+            return
+        self.eof_sent = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Flush what is buffered, then close."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping buffered bytes (the peer sees a reset)."""
+        if self.transport is not None:
+            self.transport.abort()
+
+
+HandshakeCallback = Callable[["TlsStream", BaseException | None], None]
+
+
+class TlsStream(Stream):
+    """TLS over a TCP transport, able to half-close in each direction.
+
+    ``on_handshake`` runs once: with ``None`` when the handshake is done
+    (the caller then picks a receiver), or with the error that ended it.
+    """
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        on_handshake: HandshakeCallback,
+        server_hostname: str | None = None,
+        handshake_timeout: float | None = None,
+        plain_reply: bytes | None = None,
+    ) -> None:
+        super().__init__()
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.ssl_object = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
+        )
+        self._on_handshake: HandshakeCallback | None = on_handshake
+        self._handshake_timeout = handshake_timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._plain_reply = plain_reply
+        self._seen_first_byte = False
+        self._reading = False
+        self._eof_deferred = False
+        self.handshake_done = False
+
+    # -- handshake --------------------------------------------------------
+
+    def _on_connected(self) -> None:
+        if self._handshake_timeout is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._handshake_timeout, self._handshake_expired)
+        self._step_handshake()
+
+    def _handshake_expired(self) -> None:
+        self._fail_handshake(TimeoutError("TLS handshake timed out"))
+
+    def _fail_handshake(self, exc: BaseException) -> None:
+        callback, self._on_handshake = self._on_handshake, None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+        if callback is not None:
+            callback(self, exc)
+
+    def _step_handshake(self) -> None:
+        try:
+            self.ssl_object.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except (ssl.SSLError, ValueError) as exc:
+            self._fail_handshake(exc)
+            return
+        self.handshake_done = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._flush()
+        callback, self._on_handshake = self._on_handshake, None
+        if callback is not None:
+            callback(self, None)
+        self._read_records()
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if not self._seen_first_byte and data:
+            self._seen_first_byte = True
+            # 0x16 opens every TLS handshake; a letter is someone speaking plain
+            # HTTP to the TLS port, who deserves a readable answer.
+            if self._plain_reply is not None and data[:1].isalpha():
+                if self.transport is not None:
+                    self.transport.write(self._plain_reply)
+                self._fail_handshake(ssl.SSLError("plain text on the TLS port"))
+                return
+        self._incoming.write(data)
+        if not self.handshake_done:
+            if self._on_handshake is not None:
+                self._step_handshake()
+            return
+        self._read_records()
+
+    def eof_received(self) -> bool:
+        if not self.handshake_done:
+            self._fail_handshake(ConnectionResetError("peer closed during the TLS handshake"))
+            return False
+        self._incoming.write_eof()
+        self._read_records()
+        # A TCP FIN without close_notify still ends the peer's stream.
+        self._deliver_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._on_handshake is not None:
+            self._fail_handshake(exc or ConnectionResetError("connection lost in TLS handshake"))
+        super().connection_lost(exc)
+
+    def _read_records(self) -> None:
+        self._reading = True
+        try:
+            self._read_loop()
+        finally:
+            self._reading = False
+        if self._eof_deferred:
+            self._eof_deferred = False
+            self._send_close_notify()
+        # Reading can produce records to send (key updates, session tickets).
+        self._flush()
+
+    def _read_loop(self) -> None:
+        while not self.closed:
+            try:
+                data = self.ssl_object.read(TLS_READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self._deliver_eof()
+                break
+            except ssl.SSLError as exc:
+                self._flush()
+                self.abort()
+                self.closed = True
+                self._receiver.on_close(self, exc)
+                return
+            if not data:
+                self._deliver_eof()
+                break
+            self._receiver.on_data(self, data)
+
+    def _flush(self) -> None:
+        if self._outgoing.pending and self.transport is not None and not self.closed:
+            self.transport.write(self._outgoing.read())
+
+    # -- for consumers ----------------------------------------------------
+
+    @property
+    def server_name(self) -> str | None:
+        """The SNI the peer sent, as recorded by the server's SNI callback."""
+        name = getattr(self.ssl_object, "burrow_server_name", None)
+        return name if isinstance(name, str) else None
+
+    @property
+    def alpn(self) -> str | None:
+        return self.ssl_object.selected_alpn_protocol()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.closed or self.eof_sent or not self.handshake_done:
+            return
+        try:
+            self.ssl_object.write(data)
+        except ssl.SSLError as exc:
+            self.abort()
+            self.closed = True
+            self._receiver.on_close(self, exc)
+            return
+        self._flush()
+
+    def write_eof(self) -> None:
+        if self.transport is None or self.closed or self.eof_sent:
+            return
+        self.eof_sent = True
+        if not self.handshake_done:
+            return
+        if self._reading:
+            self._eof_deferred = True
+            return
+        # unwrap() tries to read the peer's close_notify and fails on any
+        # whole application record still buffered, so take those first.
+        if self._incoming.pending:
+            self._read_records()
+        self._send_close_notify()
+
+    def _send_close_notify(self) -> None:
+        # Sends close_notify; reading goes on until the peer's own (TLS 1.3 half-close).
+        with contextlib.suppress(ssl.SSLError):
+            self.ssl_object.unwrap()
+        self._flush()
+
+    def close(self) -> None:
+        self.write_eof()
+        super().close()
