@@ -1,0 +1,116 @@
+"""A real relay on loopback for end-to-end tests: dev CA, signing key, tokens.
+
+The relay runs on its own uvloop event loop in a background thread, exactly
+as `burrow relay` runs it, so tests talk to it only through sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import uvloop
+
+import burrow
+from burrow import tls, tokens
+from burrow.relay.config import RelayConfig
+from burrow.relay.server import Relay
+
+T = TypeVar("T")
+
+DOMAIN = "r1.localhost"
+
+
+@dataclass
+class RelayHarness:
+    relay: Relay
+    loop: asyncio.AbstractEventLoop
+    state_dir: Path
+    ca: Path
+    signing_key: Any
+    token: str
+
+    @property
+    def port(self) -> int:
+        return self.relay.bound_port
+
+    @property
+    def address(self) -> str:
+        return f"{DOMAIN}:{self.port}"
+
+    def client(self, token: str | None = None) -> burrow.Client:
+        return burrow.Client(relay=self.address, token=token or self.token, ca=str(self.ca))
+
+    def mint(self, subject: str = "test", ttl_seconds: int | None = 3600, **kw: Any) -> str:
+        return tokens.mint(self.signing_key, subject=subject, ttl_seconds=ttl_seconds, **kw)
+
+    def env(self, token: str | None = None) -> dict[str, str]:
+        """Environment variables for a workload process using this relay."""
+        return {
+            "BURROW_RELAY": self.address,
+            "BURROW_TOKEN": token or self.token,
+            "BURROW_CA": str(self.ca),
+        }
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the relay's loop (to inspect or change relay state)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+
+@contextmanager
+def run_relay(state_dir: Path, **overrides: Any) -> Iterator[RelayHarness]:
+    """Start a relay for ``r1.localhost`` on 127.0.0.1 port 0 (and ::1 when asked)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    certs = tls.ensure_dev_certificates(state_dir, DOMAIN)
+    key = tokens.generate_signing_key()
+    public_key = state_dir / "token-public.pem"
+    if public_key.exists():
+        public_key.unlink()
+    tokens.write_public_key(key, public_key)
+    config = RelayConfig(
+        domain=DOMAIN,
+        cert=certs.cert,
+        key=certs.key,
+        public_key=public_key,
+        listen=(("127.0.0.1", 0),),
+        tcp_ports=(20000, 29999),
+    )
+    config = replace(config, **overrides)
+
+    loop = uvloop.new_event_loop()
+    started: concurrent.futures.Future[Relay] = concurrent.futures.Future()
+
+    async def start() -> None:
+        try:
+            started.set_result(await Relay.start(config))
+        except BaseException as exc:
+            started.set_exception(exc)
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.create_task(start())
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="test-relay", daemon=True)
+    thread.start()
+    relay = started.result(timeout=30)
+    harness = RelayHarness(
+        relay=relay,
+        loop=loop,
+        state_dir=state_dir,
+        ca=certs.ca_cert,
+        signing_key=key,
+        token=tokens.mint(key, subject="test", ttl_seconds=3600),
+    )
+    try:
+        yield harness
+    finally:
+        harness.call(relay.close())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
