@@ -19,6 +19,7 @@ from typing import Any, Final, TypeVar
 
 from burrow.agent.session import AgentSession, Settings
 from burrow.exception import InvalidError
+from burrow.relay.dev import running_dev_env
 from burrow.tunnel import Tunnel
 
 T = TypeVar("T")
@@ -42,9 +43,13 @@ class Client:
     """CA certificate file to trust for the relay (``BURROW_CA``)."""
 
     def settings(self) -> Settings:
-        relay = self.relay or os.environ.get(ENV_RELAY)
-        token = self.token or os.environ.get(ENV_TOKEN)
-        ca = self.ca or os.environ.get(ENV_CA) or None
+        """Resolve the settings: arguments, then the environment, then a running ``burrow dev``."""
+        env: dict[str, str] = dict(os.environ)
+        if not (self.relay or env.get(ENV_RELAY)) and not (self.token or env.get(ENV_TOKEN)):
+            env.update(running_dev_env() or {})
+        relay = self.relay or env.get(ENV_RELAY)
+        token = self.token or env.get(ENV_TOKEN)
+        ca = self.ca or env.get(ENV_CA) or None
         if not relay or not token:
             missing = [
                 name for name, value in ((ENV_RELAY, relay), (ENV_TOKEN, token)) if not value
@@ -52,7 +57,7 @@ class Client:
             raise InvalidError(
                 "Forwarding works only inside a burrow workload: no relay credentials "
                 f"were found ({', '.join(missing)} not set). Set {ENV_RELAY} and {ENV_TOKEN} "
-                f"(and {ENV_CA} for a private CA), for example from `burrow dev --env-file`, "
+                f"(and {ENV_CA} for a private CA), run `burrow dev` on this machine, "
                 "or pass client=burrow.Client(relay=..., token=...)."
             )
         return Settings(relay=relay, token=token.strip(), ca=Path(ca) if ca else None)

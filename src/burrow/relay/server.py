@@ -79,15 +79,27 @@ class Relay:
         return relay
 
     async def _listen(self) -> None:
-        loop = asyncio.get_running_loop()
         for host, port in self.config.listen:
-            server = await loop.create_server(self._new_public_stream, host, port)
-            self._servers.append(server)
+            await self.add_listener(host, port)
         if not self.public_port:
             self.public_port = self.bound_port
-        for server in self._servers:
-            for sock in server.sockets:
-                log.info("relay %s listening on %s", self.domain, sock.getsockname()[:2])
+
+    async def add_listener(self, host: str, port: int) -> None:
+        """Serve the public TLS port on one more address."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self._new_public_stream, host, port)
+        self._servers.append(server)
+        for sock in server.sockets:
+            log.info("relay %s listening on %s", self.domain, sock.getsockname()[:2])
+
+    @property
+    def listening(self) -> list[tuple[str, int]]:
+        """(host, port) of every public listening socket."""
+        return [
+            (sock.getsockname()[0], sock.getsockname()[1])
+            for server in self._servers
+            for sock in server.sockets
+        ]
 
     @property
     def bound_port(self) -> int:

@@ -1,0 +1,373 @@
+"""The ``burrow`` command: relay, dev, forward, token, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from burrow import names, tokens
+from burrow.exception import Error
+from burrow.relay import dev
+from burrow.relay.config import HANDSHAKE_TIMEOUT, RelayConfig
+from burrow.relay.server import Relay
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_async(main: Callable[[], Any]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+
+
+async def _serve(relay: Relay, on_started: Callable[[], None] | None = None) -> None:
+    """Run until SIGINT or SIGTERM, then close the relay."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if on_started is not None:
+        on_started()
+    await stop.wait()
+    await relay.close()
+
+
+def _parse_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition("-")
+    try:
+        lo, hi = int(low), int(high if sep else low)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a port range like 20000-29999") from None
+    if not 1 <= lo <= hi <= 65535:
+        raise click.BadParameter(f"{text!r} is not a port range within 1-65535")
+    return lo, hi
+
+
+class _Range(click.ParamType):  # type: ignore[type-arg]
+    name = "LOW-HIGH"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        return _parse_range(str(value))
+
+
+@click.group()
+@click.version_option(package_name="burrow")
+def main() -> None:
+    """burrow: publish a local port through your own relay."""
+
+
+# -- relay --------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--domain", required=True, help="The relay's name; tunnels are <label>.DOMAIN.")
+@click.option(
+    "--cert",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="PEM certificate for DOMAIN and *.DOMAIN.",
+)
+@click.option(
+    "--key", type=click.Path(path_type=Path), required=True, help="PEM private key of --cert."
+)
+@click.option(
+    "--token-key",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Public key that agent tokens are signed with (burrow token keygen).",
+)
+@click.option(
+    "--listen",
+    multiple=True,
+    default=["0.0.0.0:443", "[::]:443"],
+    show_default=True,
+    help="HOST:PORT of the public TLS port; repeat for several.",
+)
+@click.option(
+    "--public-port",
+    type=int,
+    default=None,
+    help="TLS port visitors see, if a load balancer maps it (default: the listen port).",
+)
+@click.option(
+    "--tcp-ports",
+    type=_Range(),
+    default="20000-29999",
+    show_default=True,
+    help="Range that raw TCP tunnels get a random port from.",
+)
+@click.option(
+    "--tcp-host", default=None, help="Name visitors use for raw TCP tunnels (default: DOMAIN)."
+)
+@click.option(
+    "--handshake-timeout",
+    type=float,
+    default=HANDSHAKE_TIMEOUT,
+    show_default=True,
+    help="Seconds a TLS handshake may take.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def relay(
+    domain: str,
+    cert: Path,
+    key: Path,
+    token_key: Path,
+    listen: tuple[str, ...],
+    public_port: int | None,
+    tcp_ports: tuple[int, int],
+    tcp_host: str | None,
+    handshake_timeout: float,
+    log_level: str,
+) -> None:
+    """Run a relay: visitors and agents on one TLS port, raw TCP tunnels on a range."""
+    _setup_logging(log_level)
+    try:
+        config = RelayConfig(
+            domain=names.normalize_domain(domain),
+            cert=cert,
+            key=key,
+            public_key=token_key,
+            listen=tuple(names.parse_address(item, 443) for item in listen),
+            public_port=public_port,
+            tcp_ports=tcp_ports,
+            tcp_host=tcp_host,
+            handshake_timeout=handshake_timeout,
+        )
+
+        async def run() -> None:
+            await _serve(await Relay.start(config))
+
+        _run_async(run)
+    except (Error, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+# -- dev ----------------------------------------------------------------------
+
+
+@main.command("dev")
+@click.option(
+    "--port",
+    type=int,
+    default=dev.DEV_PORT,
+    show_default=True,
+    help="Loopback port of the relay (0 picks a free one).",
+)
+@click.option(
+    "--env-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the client settings here as KEY=VALUE lines.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the dev CA and keys live [default: $BURROW_STATE_DIR or "
+    "~/.local/state/burrow/dev].",
+)
+@click.option(
+    "--tcp-ports",
+    type=_Range(),
+    default="20000-29999",
+    show_default=True,
+    help="Range that raw TCP tunnels get a random port from.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def dev_command(
+    port: int,
+    env_file: Path | None,
+    state_dir: Path | None,
+    tcp_ports: tuple[int, int],
+    log_level: str,
+) -> None:
+    """Run a relay on loopback for r1.localhost, with a CA it generates and keeps."""
+    _setup_logging(log_level)
+    state = state_dir or dev.default_state_dir()
+    try:
+        prepared = dev.prepare(state, port, tcp_ports)
+    except (Error, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    async def run() -> None:
+        relay = await _start_dev_relay(prepared.config)
+        env = prepared.env(relay.public_port)
+
+        def started() -> None:
+            dev.write_env_file(state / dev.ENV_FILE, env)
+            if env_file is not None:
+                dev.write_env_file(env_file, env)
+            dev.write_pid(state)
+            hosts = ", ".join(_show(host, p) for host, p in relay.listening)
+            click.echo(f"burrow dev relay for {dev.DEV_DOMAIN} on {hosts}")
+            click.echo("Client settings (already picked up by `burrow forward` on this machine):")
+            for key, value in env.items():
+                click.echo(f"  export {key}={value}")
+            if env_file is not None:
+                click.echo(f"Wrote them to {env_file}")
+            click.echo("Press Ctrl-C to stop.", err=True)
+
+        try:
+            await _serve(relay, started)
+        finally:
+            dev.clear_pid(state)
+
+    try:
+        _run_async(run)
+    except (Error, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _show(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _start_dev_relay(config: RelayConfig) -> Relay:
+    """Listen on 127.0.0.1, and on ::1 at the same port when this machine has IPv6."""
+    v4 = dataclasses.replace(config, listen=config.listen[:1])
+    relay = await Relay.start(v4)
+    try:
+        await relay.add_listener("::1", relay.bound_port)
+    except OSError as exc:
+        logging.getLogger("burrow.relay").info("not listening on [::1]: %s", exc)
+    return relay
+
+
+# -- forward ------------------------------------------------------------------
+
+
+@main.command("forward")
+@click.argument("port", type=int)
+@click.option("--tcp", is_flag=True, help="Also publish a raw TCP port (unencrypted).")
+@click.option("--h2", is_flag=True, help="Offer HTTP/2 to visitors (the local server speaks h2c).")
+def forward_command(port: int, tcp: bool, h2: bool) -> None:
+    """Publish a local PORT until Ctrl-C; prints its URL (and TCP socket)."""
+    import burrow
+
+    try:
+        with burrow.forward(port, unencrypted=tcp, h2_enabled=h2) as tunnel:
+            click.echo(tunnel.url)
+            if tcp:
+                host, tcp_port = tunnel.tcp_socket
+                click.echo(f"tcp://{host}:{tcp_port}")
+            sys.stdout.flush()
+            _wait_for_signal()
+    except Error as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(3600):
+        pass
+
+
+# -- token --------------------------------------------------------------------
+
+
+@main.group()
+def token() -> None:
+    """Signing keys and agent tokens."""
+
+
+@token.command("keygen")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Directory for token-signing.pem (secret) and token-public.pem (for relays).",
+)
+def token_keygen(out: Path) -> None:
+    """Create a signing key pair; relays need only the public half."""
+    out.mkdir(parents=True, exist_ok=True)
+    key = tokens.generate_signing_key()
+    try:
+        tokens.write_signing_key(key, out / dev.SIGNING_KEY_FILE)
+        tokens.write_public_key(key, out / dev.PUBLIC_KEY_FILE)
+    except Error as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"signing key (keep secret): {out / dev.SIGNING_KEY_FILE}")
+    click.echo(f"public key (give to relays as --token-key): {out / dev.PUBLIC_KEY_FILE}")
+
+
+@token.command("mint")
+@click.option("--key", type=click.Path(path_type=Path), required=True, help="The signing key.")
+@click.option("--subject", default="agent", show_default=True, help="Who the token is for.")
+@click.option(
+    "--ttl", default="30d", show_default=True, help="Lifetime: 90s, 15m, 12h, 30d, 1w, or 'never'."
+)
+@click.option("--max-tunnels", type=int, default=None, help="Tunnels the token may hold at once.")
+def token_mint(key: Path, subject: str, ttl: str, max_tunnels: int | None) -> None:
+    """Print a new agent token (the value of BURROW_TOKEN)."""
+    try:
+        signing_key = tokens.read_signing_key(key)
+        click.echo(
+            tokens.mint(
+                signing_key,
+                subject=subject,
+                ttl_seconds=tokens.parse_duration(ttl),
+                max_tunnels=max_tunnels,
+            )
+        )
+    except Error as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@token.command("verify")
+@click.option("--token-key", type=click.Path(path_type=Path), required=True, help="The public key.")
+@click.argument("value")
+def token_verify(token_key: Path, value: str) -> None:
+    """Check a token the way a relay does and show its claims."""
+    try:
+        claims = tokens.verify(value, tokens.read_public_key(token_key))
+    except Error as exc:
+        raise click.ClickException(str(exc)) from exc
+    for field, item in dataclasses.asdict(claims).items():
+        click.echo(f"{field}: {item}")
+
+
+# -- demo ---------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--keep", is_flag=True, help="Keep the tunnel up until Ctrl-C.")
+def demo(keep: bool) -> None:
+    """Start a dev relay and a web page, forward it, and fetch it through its public URL."""
+    from burrow.demo import run_demo
+
+    try:
+        run_demo(keep=keep)
+    except Error as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc

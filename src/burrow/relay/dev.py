@@ -1,0 +1,139 @@
+"""The dev relay: ``r1.localhost`` on loopback, with a CA and signing key kept in a state dir.
+
+``burrow dev`` writes the client settings to ``<state dir>/env`` (and to
+``--env-file``) and its pid beside them, so that ``burrow forward`` and
+``burrow.forward()`` on the same machine find a running dev relay with no
+other set-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from burrow import tls, tokens
+from burrow.relay.config import RelayConfig
+
+DEV_DOMAIN: Final = "r1.localhost"
+DEV_PORT: Final = 4443
+
+# Dev tokens outlive any dev session but not a forgotten laptop.
+DEV_TOKEN_TTL: Final = 30 * 24 * 3600
+
+ENV_STATE_DIR: Final = "BURROW_STATE_DIR"
+SIGNING_KEY_FILE: Final = "token-signing.pem"
+PUBLIC_KEY_FILE: Final = "token-public.pem"
+ENV_FILE: Final = "env"
+PID_FILE: Final = "relay.pid"
+
+
+def default_state_dir() -> Path:
+    """``$BURROW_STATE_DIR``, else ``$XDG_STATE_HOME/burrow/dev``, else ``~/.local/state/...``."""
+    explicit = os.environ.get(ENV_STATE_DIR)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "burrow" / "dev"
+
+
+@dataclass(frozen=True)
+class DevRelay:
+    """What ``burrow dev`` runs and what it tells clients."""
+
+    config: RelayConfig
+    state_dir: Path
+    ca: Path
+    token: str
+
+    def env(self, port: int) -> dict[str, str]:
+        return {
+            "BURROW_RELAY": f"{DEV_DOMAIN}:{port}",
+            "BURROW_TOKEN": self.token,
+            "BURROW_CA": str(self.ca),
+        }
+
+
+def prepare(state_dir: Path, port: int, tcp_ports: tuple[int, int]) -> DevRelay:
+    """Create or reuse the dev CA, certificate and signing key; mint a token."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    certs = tls.ensure_dev_certificates(state_dir, DEV_DOMAIN)
+    signing_path = state_dir / SIGNING_KEY_FILE
+    public_path = state_dir / PUBLIC_KEY_FILE
+    if not signing_path.exists():
+        key = tokens.generate_signing_key()
+        tokens.write_signing_key(key, signing_path)
+        with contextlib.suppress(FileNotFoundError):
+            public_path.unlink()
+    key = tokens.read_signing_key(signing_path)
+    if not public_path.exists():
+        tokens.write_public_key(key, public_path)
+    config = RelayConfig(
+        domain=DEV_DOMAIN,
+        cert=certs.cert,
+        key=certs.key,
+        public_key=public_path,
+        listen=(("127.0.0.1", port), ("::1", port)),
+        tcp_ports=tcp_ports,
+    )
+    token = tokens.mint(key, subject="dev", ttl_seconds=DEV_TOKEN_TTL)
+    return DevRelay(config=config, state_dir=state_dir, ca=certs.ca_cert, token=token)
+
+
+def format_env(env: dict[str, str]) -> str:
+    """Shell ``KEY=VALUE`` lines, quoted so that ``. file`` and ``--env-file`` both read them."""
+    return "".join(f"{key}={shlex.quote(value)}\n" for key, value in env.items())
+
+
+def parse_env(text: str) -> dict[str, str]:
+    """Read back what :func:`format_env` wrote (also tolerates ``export KEY=...``)."""
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        line = line.removeprefix("export ").strip()
+        key, _, raw = line.partition("=")
+        parts = shlex.split(raw) if raw else [""]
+        env[key.strip()] = parts[0] if parts else ""
+    return env
+
+
+def write_env_file(path: Path, env: dict[str, str]) -> None:
+    """Write atomically with mode 0600: the token is a secret."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(format_env(env))
+    os.replace(tmp, path)
+
+
+def write_pid(state_dir: Path) -> None:
+    (state_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+
+
+def clear_pid(state_dir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if (state_dir / PID_FILE).read_text().strip() == str(os.getpid()):
+            (state_dir / PID_FILE).unlink()
+
+
+def running_dev_env(state_dir: Path | None = None) -> dict[str, str] | None:
+    """The settings of a dev relay running on this machine, if there is one."""
+    state_dir = state_dir or default_state_dir()
+    try:
+        pid = int((state_dir / PID_FILE).read_text().strip())
+        text = (state_dir / ENV_FILE).read_text()
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, but someone else's
+    return parse_env(text)
