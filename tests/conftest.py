@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from harness import RelayHarness, run_relay
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_dev_relay_of_the_user(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep a `burrow dev` the developer runs on this machine out of the tests' settings."""
+    saved = os.environ.get("BURROW_STATE_DIR")
+    os.environ["BURROW_STATE_DIR"] = str(tmp_path_factory.mktemp("no-dev-relay"))
+    for name in ("BURROW_RELAY", "BURROW_TOKEN", "BURROW_CA"):
+        os.environ.pop(name, None)
+    yield
+    if saved is None:
+        os.environ.pop("BURROW_STATE_DIR", None)
+    else:
+        os.environ["BURROW_STATE_DIR"] = saved
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,197 @@
+"""The ``burrow`` command, run as users run it: real processes, real relay, real curl."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from backends import http_server
+
+from burrow.relay import dev
+
+BURROW = [sys.executable, "-m", "burrow"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BURROW_")}
+    env.update(extra)
+    return env
+
+
+def _wait_for(
+    predicate: Callable[[], object], what: str, proc: subprocess.Popen[str], seconds: float = 30
+) -> object:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"process ended before {what}: {out}\n{err}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def _process(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_dev_relay_writes_settings_and_forward_finds_it(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env_file = tmp_path / "dev.env"
+    env = _env(BURROW_STATE_DIR=str(state))
+    with _process([*BURROW, "dev", "--port", "0", "--env-file", str(env_file)], env) as relay:
+        _wait_for(lambda: (state / dev.PID_FILE).exists(), "the dev relay", relay)
+        settings = dev.parse_env(env_file.read_text())
+        assert set(settings) == {"BURROW_RELAY", "BURROW_TOKEN", "BURROW_CA"}
+        assert settings["BURROW_RELAY"].startswith("r1.localhost:")
+        assert Path(settings["BURROW_CA"]) == state / "ca.pem"
+        assert env_file.stat().st_mode & 0o077 == 0  # the token is a secret
+
+        # No BURROW_* variables: `burrow forward` finds the running dev relay.
+        with (
+            http_server() as server,
+            _process([*BURROW, "forward", str(server.port), "--tcp"], env) as forward,
+        ):
+            assert forward.stdout is not None
+            url = forward.stdout.readline().strip()
+            tcp = forward.stdout.readline().strip()
+            assert url.startswith("https://") and ".r1.localhost:" in url
+            assert tcp.startswith("tcp://r1.localhost:")
+            page = subprocess.run(
+                ["curl", "-sS", "--fail", "--cacert", settings["BURROW_CA"], url + "/"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            )
+            assert server.marker in page.stdout
+        # The state dir is reused: a second start keeps the same CA.
+    ca_before = (state / "ca.pem").read_bytes()
+    assert not (state / dev.PID_FILE).exists()
+    dev.prepare(state, 0, (20000, 29999))
+    assert (state / "ca.pem").read_bytes() == ca_before
+
+
+def test_forward_without_any_relay_explains_what_to_set(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*BURROW, "forward", "8000"],
+        env=_env(BURROW_STATE_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "InvalidError" in result.stderr
+    assert "BURROW_RELAY" in result.stderr and "BURROW_TOKEN" in result.stderr
+
+
+def test_token_keygen_mint_verify(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    subprocess.run(
+        [*BURROW, "token", "keygen", "--out", str(keys)],
+        check=True,
+        timeout=30,
+        capture_output=True,
+    )
+    assert (keys / "token-signing.pem").stat().st_mode & 0o077 == 0
+    minted = subprocess.run(
+        [
+            *BURROW,
+            "token",
+            "mint",
+            "--key",
+            str(keys / "token-signing.pem"),
+            "--subject",
+            "alice",
+            "--ttl",
+            "1h",
+            "--max-tunnels",
+            "3",
+        ],
+        check=True,
+        timeout=30,
+        capture_output=True,
+        text=True,
+    )
+    token = minted.stdout.strip()
+    shown = subprocess.run(
+        [*BURROW, "token", "verify", "--token-key", str(keys / "token-public.pem"), token],
+        check=True,
+        timeout=30,
+        capture_output=True,
+        text=True,
+    )
+    assert "subject: alice" in shown.stdout
+    assert "max_tunnels: 3" in shown.stdout
+
+    # Keygen refuses to overwrite a signing key that tokens may already depend on.
+    again = subprocess.run(
+        [*BURROW, "token", "keygen", "--out", str(keys)], timeout=30, capture_output=True, text=True
+    )
+    assert again.returncode != 0
+
+    other = tmp_path / "other"
+    subprocess.run(
+        [*BURROW, "token", "keygen", "--out", str(other)],
+        check=True,
+        timeout=30,
+        capture_output=True,
+    )
+    refused = subprocess.run(
+        [*BURROW, "token", "verify", "--token-key", str(other / "token-public.pem"), token],
+        timeout=30,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0
+    assert "signature" in refused.stderr
+
+
+@pytest.mark.parametrize("bad", ["abc", "0-10", "30000-20000", "1-70000"])
+def test_relay_rejects_a_bad_tcp_range(bad: str) -> None:
+    result = subprocess.run(
+        [*BURROW, "dev", "--port", "0", "--tcp-ports", bad],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "port range" in result.stderr
+
+
+def test_demo_fetches_its_page_through_the_tunnel() -> None:
+    result = subprocess.run(
+        [*BURROW, "demo"], env=_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "-> 200" in result.stdout
+    assert "Hello from behind a burrow tunnel" in result.stdout
+    assert "after the with block: GET -> 404" in result.stdout
