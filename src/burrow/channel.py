@@ -104,6 +104,16 @@ class Channel:
             self.stream.resume_reading()
         return message
 
+    def has_pending(self) -> bool:
+        """Whether anything arrived beyond what was taken: messages, bytes, an error or EOF."""
+        return bool(
+            self._messages
+            or self._error is not None
+            or self._eof
+            or self.connection.trailing_data
+            or self.trailing
+        )
+
     def send(self, message: protocol.Message) -> None:
         self.stream.write(self.connection.send(message))
 

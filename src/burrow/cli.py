@@ -29,6 +29,26 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _quiet_bad_server_names() -> None:
+    """Log, rather than print, the server names CPython's ssl cannot decode.
+
+    A ClientHello whose server name is not ASCII is refused by ssl before
+    our SNI callback runs, but CPython reports the decode error as an
+    "unraisable" exception on stderr: any visitor could fill the relay's
+    logs with them.
+    """
+    default = sys.unraisablehook
+    log = logging.getLogger("burrow.relay")
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, UnicodeError):
+            log.debug("refused a TLS server name that is not ASCII")
+            return
+        default(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def _run_async(main: Callable[[], Any]) -> None:
     try:
         import uvloop
@@ -146,6 +166,7 @@ def relay(
 ) -> None:
     """Run a relay: visitors and agents on one TLS port, raw TCP tunnels on a range."""
     _setup_logging(log_level)
+    _quiet_bad_server_names()
     try:
         config = RelayConfig(
             domain=names.normalize_domain(domain),
@@ -213,6 +234,7 @@ def dev_command(
 ) -> None:
     """Run a relay on loopback for r1.localhost, with a CA it generates and keeps."""
     _setup_logging(log_level)
+    _quiet_bad_server_names()
     state = state_dir or dev.default_state_dir()
     try:
         prepared = dev.prepare(state, port, tcp_ports)

@@ -71,6 +71,8 @@ class _Runtime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sessions: dict[Settings, AgentSession] = {}
         self._session_locks: dict[Settings, asyncio.Lock] = {}
+        # Local ports with a live forward() in this process (touched on the agent loop only).
+        self.forwarded_ports: set[int] = set()
 
     def loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -167,16 +169,29 @@ class forward:
         self._session: AgentSession | None = None
 
     async def _open(self) -> Tunnel:
-        session = await runtime.session(self.settings)
-        tunnel = await session.open_tunnel(self.port, tcp=self.unencrypted, h2=self.h2_enabled)
+        # One process forwards a port once, whatever relay or token it uses.
+        if self.port in runtime.forwarded_ports:
+            raise InvalidError(f"Port {self.port} is already forwarded")
+        runtime.forwarded_ports.add(self.port)
+        try:
+            session = await runtime.session(self.settings)
+            tunnel = await session.open_tunnel(self.port, tcp=self.unencrypted, h2=self.h2_enabled)
+        except BaseException:
+            runtime.forwarded_ports.discard(self.port)
+            raise
         self._session = session
         self._tunnel = tunnel
         return tunnel
 
     async def _close(self) -> None:
-        if self._session is not None and self._tunnel is not None:
-            await self._session.close_tunnel(self._tunnel)
-        self._session = None
+        try:
+            if self._session is not None and self._tunnel is not None:
+                await self._session.close_tunnel(self._tunnel)
+        finally:
+            if self._tunnel is not None:
+                runtime.forwarded_ports.discard(self.port)
+            self._session = None
+            self._tunnel = None
 
     def __enter__(self) -> Tunnel:
         return runtime.run(self._open())

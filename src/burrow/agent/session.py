@@ -13,6 +13,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -22,7 +23,6 @@ from burrow.channel import Channel
 from burrow.exception import (
     AuthError,
     ConnectionError,
-    InvalidError,
     LocalProtocolError,
     RelayError,
     RemoteProtocolError,
@@ -88,7 +88,6 @@ class AgentSession:
         self._context = tls.client_context(settings.ca, [protocol.ALPN_CONTROL])
         self._data_context = tls.client_context(settings.ca, [protocol.ALPN_DATA])
         self.tunnels: dict[int, AgentTunnel] = {}
-        self.ports: set[int] = set()
         self._next_id = 1
         self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
         self._channel: Channel | None = None
@@ -107,7 +106,10 @@ class AgentSession:
                 await session._handshake()
                 return session
             except ConnectionError as exc:
-                if attempt == CONNECT_ATTEMPTS:
+                # A certificate we do not trust will not change by trying again.
+                if attempt == CONNECT_ATTEMPTS or isinstance(
+                    exc.__cause__, ssl.SSLCertVerificationError
+                ):
                     raise ConnectionError(
                         f"could not reach the burrow relay at {settings.relay} after "
                         f"{CONNECT_ATTEMPTS} attempts: {exc}"
@@ -140,10 +142,7 @@ class AgentSession:
             )
 
         try:
-            _, stream = await asyncio.wait_for(
-                loop.create_connection(factory, names.resolve_host(self.host), self.port),
-                CONNECT_TIMEOUT,
-            )
+            stream = await self._connect(factory)
             await handshake
         except ssl.SSLCertVerificationError as exc:
             raise ConnectionError(
@@ -152,6 +151,23 @@ class AgentSession:
             ) from exc
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+        return stream
+
+    async def _connect(self, factory: Callable[[], TlsStream]) -> TlsStream:
+        """TCP to the relay; a ``*.localhost`` relay is tried on 127.0.0.1, then ::1."""
+        loop = asyncio.get_running_loop()
+        hosts = LOCAL_HOSTS if names.is_loopback_name(self.host) else (self.host,)
+        for host in hosts[:-1]:
+            try:
+                _, stream = await asyncio.wait_for(
+                    loop.create_connection(factory, host, self.port), CONNECT_TIMEOUT
+                )
+                return stream
+            except ConnectionRefusedError:
+                continue
+        _, stream = await asyncio.wait_for(
+            loop.create_connection(factory, hosts[-1], self.port), CONNECT_TIMEOUT
+        )
         return stream
 
     async def _handshake(self) -> None:
@@ -267,20 +283,12 @@ class AgentSession:
 
     async def open_tunnel(self, port: int, *, tcp: bool, h2: bool) -> Tunnel:
         """Publish ``port``: one round trip to the relay."""
-        if port in self.ports:
-            raise InvalidError(f"Port {port} is already forwarded")
         tunnel_id = self._next_id
         self._next_id += 1
-        self.ports.add(port)
-        try:
-            reply = await self._request(
-                tunnel_id, protocol.Open(id=tunnel_id, port=port, tcp=tcp, h2=h2)
-            )
-        except BaseException:
-            self.ports.discard(port)
-            raise
+        reply = await self._request(
+            tunnel_id, protocol.Open(id=tunnel_id, port=port, tcp=tcp, h2=h2)
+        )
         if isinstance(reply, protocol.Error):
-            self.ports.discard(port)
             raise RelayError(reply.code, f"the relay refused to open a tunnel: {reply.message}")
         assert isinstance(reply, protocol.Opened)
         tunnel = Tunnel(
@@ -300,7 +308,6 @@ class AgentSession:
         else:
             return
         del self.tunnels[agent_tunnel.id]
-        self.ports.discard(agent_tunnel.local_port)
         for splice in list(agent_tunnel.splices):
             splice.close()
         if self.closed:
@@ -379,7 +386,6 @@ class AgentSession:
             for splice in list(agent_tunnel.splices):
                 splice.close()
         self.tunnels.clear()
-        self.ports.clear()
         if self._channel is not None:
             self._channel.close()
         for task in list(self._tasks):

@@ -27,9 +27,11 @@ from burrow.stream import Stream, TlsStream
 log = logging.getLogger("burrow.relay")
 
 # The answer to anyone who speaks plain HTTP to the TLS port.
+_PLAIN_HTTP_BODY: Final = b"burrow: this port speaks HTTPS; use https://\n"
 PLAIN_HTTP_REPLY: Final = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconnection: close\r\n"
-    b"content-length: 43\r\n\r\nburrow: this port speaks HTTPS; use https://\n"
+    + f"content-length: {len(_PLAIN_HTTP_BODY)}\r\n\r\n".encode()
+    + _PLAIN_HTTP_BODY
 )
 
 _NOT_FOUND_BODY: Final = b"burrow: no tunnel at this address\n"
@@ -183,7 +185,7 @@ class Relay:
 
     async def _first_frame(self, channel: Channel) -> protocol.Message | None:
         try:
-            return await asyncio.wait_for(channel.receive(), FIRST_FRAME_TIMEOUT)
+            message = await asyncio.wait_for(channel.receive(), FIRST_FRAME_TIMEOUT)
         except (TimeoutError, RemoteProtocolError, ConnectionError) as exc:
             log.info("agent %s: no valid first frame: %s", channel.stream.peername, exc)
             if isinstance(exc, RemoteProtocolError):
@@ -191,6 +193,9 @@ class Relay:
                     channel.send(protocol.Error(code=protocol.CODE_PROTOCOL, message=str(exc)))
             channel.close()
             return None
+        if message is None:  # closed (or close_notify) before saying anything
+            channel.close()
+        return message
 
     async def _serve_control(self, stream: TlsStream) -> None:
         channel = Channel(stream, protocol.Connection(protocol.Kind.CONTROL, protocol.Role.RELAY))
@@ -256,6 +261,11 @@ class Relay:
                 )
             )
             channel.close()
+            return
+        if channel.has_pending():
+            # Bytes behind attach: the agent may not speak before bind.
+            log.warning("data connection from %s refused: spoke before bind", stream.peername)
+            stream.abort()
             return
         # The channel's protocol state stays POOLED until serve_visitor binds it.
         session.add_data_connection(channel)
