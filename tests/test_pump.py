@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -525,3 +526,138 @@ def test_stalled_visitor_holds_the_stream_back(relay: RelayHarness) -> None:
             digest.update(data)
             remaining -= len(data)
     assert digest.hexdigest() == big_sha256(size)
+
+
+# -- nothing left behind ------------------------------------------------------------------
+
+
+def splice_counts(
+    relay: RelayHarness, fwd: burrow.forward, tunnel: burrow.Tunnel
+) -> tuple[int, int]:
+    """Live splices of this tunnel at the relay and at the agent."""
+    assert fwd._session is not None
+    (agent_tunnel,) = [t for t in fwd._session.tunnels.values() if t.tunnel is tunnel]
+    return len(relay_tunnel(relay, tunnel).splices), len(agent_tunnel.splices)
+
+
+def test_finished_visitors_leave_no_splices(relay: RelayHarness, tmp_path: Path) -> None:
+    with (
+        http_server() as server,
+        (fwd := burrow.forward(server.port, client=relay.client())) as tunnel,
+    ):
+        args: list[str] = []
+        for i in range(30):
+            args += [f"{tunnel.url}/", "-o", str(tmp_path / f"out{i}")]
+        result = curl(relay, "--fail", "--parallel", *args)
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: splice_counts(relay, fwd, tunnel) == (0, 0), "splices to end")
+
+
+def test_visitor_reset_ends_both_sides(relay: RelayHarness) -> None:
+    size = 256 * MIB
+    with (
+        http_server() as server,
+        (fwd := burrow.forward(server.port, client=relay.client())) as tunnel,
+    ):
+        with tls_visitor(relay, tunnel) as sock:
+            sock.sendall(f"GET /big?size={size} HTTP/1.1\r\nHost: {tunnel.host}\r\n\r\n".encode())
+            read_http_head(sock)
+            assert splice_counts(relay, fwd, tunnel) == (1, 1)
+            # Close with a reset (linger 0) in the middle of the download.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        wait_for(lambda: splice_counts(relay, fwd, tunnel) == (0, 0), "splices to end")
+        # The tunnel still serves.
+        page = curl(relay, "--fail", tunnel.url + "/")
+        assert page.returncode == 0, page.stderr
+        assert server.marker in page.stdout
+
+
+def test_local_server_reset_reaches_the_visitor(relay: RelayHarness) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.recv(100)
+        conn.sendall(b"partial answer")
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with (
+        listener,
+        (
+            fwd := burrow.forward(
+                listener.getsockname()[1], unencrypted=True, client=relay.client()
+            )
+        ) as tunnel,
+    ):
+        host, port = tunnel.tcp_socket
+        with socket.create_connection(
+            (names.resolve_host(host), port), timeout=CLIENT_TIMEOUT
+        ) as sock:
+            sock.sendall(b"question")
+            got = b""
+            with suppress(ConnectionResetError):
+                while data := sock.recv(100):
+                    got += data
+            assert b"partial answer".startswith(got)
+        wait_for(lambda: splice_counts(relay, fwd, tunnel) == (0, 0), "splices to end")
+    thread.join(CLIENT_TIMEOUT)
+
+
+# -- more traffic shapes --------------------------------------------------------------------
+
+
+def test_curl_64_mib_upload(relay: RelayHarness, tmp_path: Path) -> None:
+    size = 64 * MIB
+    upload = tmp_path / "upload.bin"
+    with upload.open("wb") as f:
+        for i in range(size // MIB):
+            f.write(hashlib.shake_256(b"up%d" % i).digest(MIB))
+    expected = hashlib.sha256(upload.read_bytes()).hexdigest()
+    with http_server() as server, burrow.forward(server.port, client=relay.client()) as tunnel:
+        digest, got, code, stderr = stream_sha256(
+            [
+                "curl",
+                "-sS",
+                "--fail",
+                "--cacert",
+                str(relay.ca),
+                "--data-binary",
+                f"@{upload}",
+                f"{tunnel.url}/echo",
+            ],
+            timeout=CLIENT_TIMEOUT,
+        )
+    assert code == 0, stderr
+    assert got == size
+    assert digest == expected
+
+
+def test_http2_many_streams_on_one_connection(relay: RelayHarness, tmp_path: Path) -> None:
+    count = 50
+    with (
+        h2c_server() as server,
+        burrow.forward(server.port, h2_enabled=True, client=relay.client()) as tunnel,
+    ):
+        args: list[str] = []
+        for i in range(count):
+            args += [f"{tunnel.url}/{i}", "-o", str(tmp_path / f"out{i}")]
+        result = curl(
+            relay,
+            "--fail",
+            "--http2",
+            "--parallel",
+            "-w",
+            "%{http_version} %{num_connects}\n",
+            *args,
+        )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("\n")[:-1]
+    assert len(lines) == count
+    assert all(line.startswith("2 ") for line in lines), lines
+    # curl multiplexed the streams over one (or very few) connection(s).
+    assert sum(int(line.split()[1]) for line in lines) <= 2
+    for i in range(count):
+        assert (tmp_path / f"out{i}").read_bytes() == b"http_version=2"
