@@ -7,6 +7,7 @@ data connection and the agent's splice to the local server, and back.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 import ssl
@@ -32,7 +33,7 @@ from harness import RelayHarness
 import burrow
 from burrow import names
 from burrow.relay.session import RelayTunnel
-from burrow.stream import TLS_READ_SIZE, WRITE_HIGH_WATER
+from burrow.stream import TLS_READ_SIZE, WRITE_HIGH_WATER, Stream
 
 MIB = 1024 * 1024
 
@@ -661,3 +662,87 @@ def test_http2_many_streams_on_one_connection(relay: RelayHarness, tmp_path: Pat
     assert sum(int(line.split()[1]) for line in lines) <= 2
     for i in range(count):
         assert (tmp_path / f"out{i}").read_bytes() == b"http_version=2"
+
+
+def test_parallel_downloads_all_arrive_whole(relay: RelayHarness, tmp_path: Path) -> None:
+    count, size = 8, 8 * MIB
+    with http_server() as server, burrow.forward(server.port, client=relay.client()) as tunnel:
+        args: list[str] = []
+        for i in range(count):
+            args += [f"{tunnel.url}/big?size={size}", "-o", str(tmp_path / f"out{i}")]
+        result = curl(relay, "--fail", "--parallel", *args)
+    assert result.returncode == 0, result.stderr
+    expected = big_sha256(size)
+    for i in range(count):
+        assert hashlib.sha256((tmp_path / f"out{i}").read_bytes()).hexdigest() == expected, i
+
+
+def test_stalled_local_server_holds_the_visitor_back(relay: RelayHarness) -> None:
+    """While the local server reads nothing, neither the relay nor the agent buffers the upload."""
+    from burrow.agent.client import runtime
+
+    size = 64 * MIB
+    payload = hashlib.shake_256(b"upload").digest(size)
+    listener = socket.create_server(("127.0.0.1", 0))
+    with (
+        listener,
+        (
+            fwd := burrow.forward(
+                listener.getsockname()[1], unencrypted=True, client=relay.client()
+            )
+        ) as tunnel,
+    ):
+        host, port = tunnel.tcp_socket
+        with socket.create_connection(
+            (names.resolve_host(host), port), timeout=CLIENT_TIMEOUT
+        ) as sock:
+            sent = 0
+
+            def send_all() -> None:
+                nonlocal sent
+                view = memoryview(payload)
+                while sent < size:
+                    sent += sock.send(view[sent : sent + MIB])
+
+            sender = threading.Thread(target=send_all, daemon=True)
+            sender.start()
+            listener.settimeout(CLIENT_TIMEOUT)
+            conn, _ = listener.accept()  # accepted, but not read from yet
+            with conn:
+                route = relay_tunnel(relay, tunnel)
+                wait_for(lambda: len(route.splices) == 1, "the relay's splice")
+                (splice,) = route.splices
+                last, stable_since = -1, time.monotonic()
+                deadline = time.monotonic() + 20
+                while time.monotonic() - stable_since < 0.5:
+                    assert time.monotonic() < deadline, "the relay never stopped forwarding"
+                    if splice.bytes_a_to_b != last:
+                        last, stable_since = splice.bytes_a_to_b, time.monotonic()
+                    time.sleep(0.02)
+                assert last < size // 4, f"the relay pulled {last} bytes for a stalled server"
+
+                async def buffered(stream: Stream) -> int:
+                    assert stream.transport is not None
+                    return stream.transport.get_write_buffer_size()
+
+                assert fwd._session is not None
+                (agent_tunnel,) = fwd._session.tunnels.values()
+                (agent_splice,) = agent_tunnel.splices
+                at_relay = relay.call(buffered(splice.b))
+                at_agent = asyncio.run_coroutine_threadsafe(
+                    buffered(agent_splice.b), runtime.loop()
+                ).result(10)
+                bound = WRITE_HIGH_WATER + 2 * TLS_READ_SIZE
+                assert at_relay <= bound, at_relay
+                assert at_agent <= bound, at_agent
+
+                digest = hashlib.sha256()
+                remaining = size
+                conn.settimeout(CLIENT_TIMEOUT)
+                while remaining:
+                    data = conn.recv(min(remaining, MIB))
+                    assert data, f"EOF with {remaining} bytes missing"
+                    digest.update(data)
+                    remaining -= len(data)
+                assert digest.digest() == hashlib.sha256(payload).digest()
+            sender.join(CLIENT_TIMEOUT)
