@@ -261,11 +261,14 @@ def tcp_echo_half_close(address: tuple[str, int], payload: bytes) -> bytes:
         return bytes(received)
 
 
-def tls_echo_half_close(relay: RelayHarness, tunnel: burrow.Tunnel, payload: bytes) -> bytes:
+def tls_echo_half_close(
+    relay: RelayHarness, tunnel: burrow.Tunnel, payload: bytes, *, close_notify: bool = True
+) -> bytes:
     """:func:`tcp_echo_half_close` through the HTTPS address: our EOF is a TLS close_notify.
 
     Python's ``SSLSocket`` cannot send close_notify and keep reading, so this
-    visitor runs TLS over memory BIOs, as burrow itself does.
+    visitor runs TLS over memory BIOs, as burrow itself does. With
+    ``close_notify=False`` our EOF is a bare TCP FIN, as some clients send it.
     """
     host, port = tunnel.tls_socket
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -285,7 +288,7 @@ def tls_echo_half_close(relay: RelayHarness, tunnel: burrow.Tunnel, payload: byt
 
         lock = threading.Lock()  # the SSLObject is shared by the reader and the writer
         received = bytearray()
-        close_notify = threading.Event()
+        peer_close_notify = threading.Event()
 
         def reader() -> None:
             while True:
@@ -302,7 +305,7 @@ def tls_echo_half_close(relay: RelayHarness, tunnel: burrow.Tunnel, payload: byt
                         except ssl.SSLZeroReturnError:
                             chunk = b""
                         if not chunk:  # the peer's close_notify
-                            close_notify.set()
+                            peer_close_notify.set()
                             return
                         received.extend(chunk)
 
@@ -313,14 +316,17 @@ def tls_echo_half_close(relay: RelayHarness, tunnel: burrow.Tunnel, payload: byt
                 tls.write(payload[start : start + 256 * 1024])
                 records = outgoing.read()
             sock.sendall(records)  # outside the lock: the reader must keep reading meanwhile
-        with lock:
-            with suppress(ssl.SSLWantReadError):
-                tls.unwrap()  # sends close_notify; the peer's comes later
-            records = outgoing.read()
-        sock.sendall(records)
+        if close_notify:
+            with lock:
+                with suppress(ssl.SSLWantReadError):
+                    tls.unwrap()  # sends close_notify; the peer's comes later
+                records = outgoing.read()
+            sock.sendall(records)
+        else:
+            sock.shutdown(socket.SHUT_WR)
         thread.join(CLIENT_TIMEOUT)
         assert not thread.is_alive(), f"no EOF after {len(received)} of {len(payload)} bytes"
-        assert close_notify.is_set(), "the relay ended TLS without close_notify"
+        assert peer_close_notify.is_set(), "the relay ended TLS without close_notify"
         return bytes(received)
 
 
@@ -339,6 +345,14 @@ def test_tls_echo_with_half_close(relay: RelayHarness, size: int) -> None:
     payload = hashlib.shake_256(b"tls").digest(size)
     with tcp_echo_server() as server, burrow.forward(server.port, client=relay.client()) as tunnel:
         assert tls_echo_half_close(relay, tunnel, payload) == payload
+
+
+@pytest.mark.parametrize("size", [0, 10_000, 5 * MIB])
+def test_tls_visitor_half_closes_with_a_bare_fin(relay: RelayHarness, size: int) -> None:
+    """A TCP FIN without close_notify ends the visitor's direction only."""
+    payload = hashlib.shake_256(b"fin").digest(size)
+    with tcp_echo_server() as server, burrow.forward(server.port, client=relay.client()) as tunnel:
+        assert tls_echo_half_close(relay, tunnel, payload, close_notify=False) == payload
 
 
 def test_tcp_half_close_with_nothing_sent(relay: RelayHarness) -> None:

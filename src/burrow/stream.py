@@ -266,9 +266,10 @@ class TlsStream(Stream):
         if not self.handshake_done:
             self._fail_handshake(ConnectionResetError("peer closed during the TLS handshake"))
             return False
-        self._incoming.write_eof()
+        # A TCP FIN without close_notify still ends the peer's stream, as a
+        # half-close. The BIO is not told: OpenSSL would take the FIN for a
+        # truncation, send an alert and fail the connection both ways.
         self._read_records()
-        # A TCP FIN without close_notify still ends the peer's stream.
         self._deliver_eof()
         return True
 
