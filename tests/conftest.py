@@ -31,6 +31,15 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayHarness]:
         yield harness
 
 
+@pytest.fixture(scope="session")
+def plain_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayHarness]:
+    """A relay that also takes plaintext data connections, and clients that use them."""
+    with run_relay(
+        tmp_path_factory.mktemp("plain-relay"), plain_data_listen=("127.0.0.1", 0)
+    ) as harness:
+        yield harness
+
+
 @pytest.fixture
 def own_relay(tmp_path: Path) -> Iterator[RelayHarness]:
     """A relay of the test's own, for tests that stop it or look at its state."""

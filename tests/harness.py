@@ -35,6 +35,7 @@ class RelayHarness:
     ca: Path
     signing_key: Any
     token: str
+    plain_data: bool = False
 
     @property
     def port(self) -> int:
@@ -45,18 +46,26 @@ class RelayHarness:
         return f"{DOMAIN}:{self.port}"
 
     def client(self, token: str | None = None) -> burrow.Client:
-        return burrow.Client(relay=self.address, token=token or self.token, ca=str(self.ca))
+        return burrow.Client(
+            relay=self.address,
+            token=token or self.token,
+            ca=str(self.ca),
+            plain_data=self.plain_data,
+        )
 
     def mint(self, subject: str = "test", ttl_seconds: int | None = 3600, **kw: Any) -> str:
         return tokens.mint(self.signing_key, subject=subject, ttl_seconds=ttl_seconds, **kw)
 
     def env(self, token: str | None = None) -> dict[str, str]:
         """Environment variables for a workload process using this relay."""
-        return {
+        env = {
             "BURROW_RELAY": self.address,
             "BURROW_TOKEN": token or self.token,
             "BURROW_CA": str(self.ca),
         }
+        if self.plain_data:
+            env["BURROW_PLAIN_DATA"] = "1"
+        return env
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the relay's loop (to inspect or change relay state)."""
@@ -107,6 +116,7 @@ def run_relay(state_dir: Path, **overrides: Any) -> Iterator[RelayHarness]:
         ca=certs.ca_cert,
         signing_key=key,
         token=tokens.mint(key, subject="test", ttl_seconds=3600),
+        plain_data=config.plain_data_listen is not None,
     )
     try:
         yield harness

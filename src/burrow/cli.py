@@ -140,6 +140,13 @@ def main() -> None:
     "--tcp-host", default=None, help="Name visitors use for raw TCP tunnels (default: DOMAIN)."
 )
 @click.option(
+    "--plain-data-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also take data connections WITHOUT TLS here. Trusted networks only: "
+    "visitor bytes and session keys cross it in the clear.",
+)
+@click.option(
     "--handshake-timeout",
     type=float,
     default=HANDSHAKE_TIMEOUT,
@@ -161,6 +168,7 @@ def relay(
     public_port: int | None,
     tcp_ports: tuple[int, int],
     tcp_host: str | None,
+    plain_data_listen: str | None,
     handshake_timeout: float,
     log_level: str,
 ) -> None:
@@ -177,6 +185,9 @@ def relay(
             public_port=public_port,
             tcp_ports=tcp_ports,
             tcp_host=tcp_host,
+            plain_data_listen=(
+                names.parse_address(plain_data_listen, 0) if plain_data_listen else None
+            ),
             handshake_timeout=handshake_timeout,
         )
 
@@ -220,6 +231,11 @@ def relay(
     help="Range that raw TCP tunnels get a random port from.",
 )
 @click.option(
+    "--plain-data",
+    is_flag=True,
+    help="Let agents use plaintext data connections on loopback (faster; same host only).",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -230,6 +246,7 @@ def dev_command(
     env_file: Path | None,
     state_dir: Path | None,
     tcp_ports: tuple[int, int],
+    plain_data: bool,
     log_level: str,
 ) -> None:
     """Run a relay on loopback for r1.localhost, with a CA it generates and keeps."""
@@ -237,7 +254,7 @@ def dev_command(
     _quiet_bad_server_names()
     state = state_dir or dev.default_state_dir()
     try:
-        prepared = dev.prepare(state, port, tcp_ports)
+        prepared = dev.prepare(state, port, tcp_ports, plain_data=plain_data)
     except (Error, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -63,6 +63,7 @@ class Welcome(_Message):
     domain: str
     heartbeat: int
     pool: int
+    plain_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -157,6 +158,35 @@ class Stream(asyncio.Protocol):
     def resume_reading(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
+
+    def can_detach(self) -> bool:
+        """Whether :meth:`detach` can take the socket without losing a byte."""
+        return (
+            self.transport is not None
+            and not self.closed
+            and not self.eof_sent
+            and self.transport.get_write_buffer_size() == 0
+            and self.transport.get_extra_info("socket") is not None
+        )
+
+    def detach(self) -> tuple[socket.socket, bytes, bool]:
+        """Take the socket away from asyncio: (socket, bytes held, peer EOF seen).
+
+        The stream is finished afterwards; its transport closes only its own
+        descriptor, so the socket lives on in the duplicate returned here.
+        """
+        assert self.transport is not None and self.can_detach()
+        self.transport.pause_reading()
+        raw = self.transport.get_extra_info("socket")
+        sock = socket.socket(fileno=os.dup(raw.fileno()))
+        sock.setblocking(False)
+        held = self._receiver
+        data = bytes(held.data) if isinstance(held, _Unclaimed) else b""
+        eof = self.peer_eof or (isinstance(held, _Unclaimed) and held.eof)
+        self.closed = True  # no more callbacks to anyone
+        self._receiver = _Unclaimed()
+        self.transport.abort()
+        return sock, data, eof
 
     def close(self) -> None:
         """Flush what is buffered, then close."""

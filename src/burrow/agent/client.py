@@ -27,6 +27,7 @@ T = TypeVar("T")
 ENV_RELAY: Final = "BURROW_RELAY"
 ENV_TOKEN: Final = "BURROW_TOKEN"
 ENV_CA: Final = "BURROW_CA"
+ENV_PLAIN_DATA: Final = "BURROW_PLAIN_DATA"
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class Client:
 
     ca: str | Path | None = None
     """CA certificate file to trust for the relay (``BURROW_CA``)."""
+
+    plain_data: bool | None = None
+    """Use the relay's plaintext data port if offered (``BURROW_PLAIN_DATA=1``);
+    trusted networks only."""
 
     def settings(self) -> Settings:
         """Resolve the settings: arguments, then the environment, then a running ``burrow dev``."""
@@ -60,7 +65,12 @@ class Client:
                 f"(and {ENV_CA} for a private CA), run `burrow dev` on this machine, "
                 "or pass client=burrow.Client(relay=..., token=...)."
             )
-        return Settings(relay=relay, token=token.strip(), ca=Path(ca) if ca else None)
+        plain = self.plain_data
+        if plain is None:
+            plain = env.get(ENV_PLAIN_DATA, "").strip().lower() in ("1", "true", "yes")
+        return Settings(
+            relay=relay, token=token.strip(), ca=Path(ca) if ca else None, plain_data=plain
+        )
 
 
 class _Runtime:

@@ -27,7 +27,7 @@ from burrow.exception import (
     RelayError,
     RemoteProtocolError,
 )
-from burrow.pump import Splice
+from burrow.pump import Splice, join
 from burrow.stream import Stream, TlsStream
 from burrow.tunnel import Tunnel
 
@@ -63,6 +63,9 @@ class Settings:
 
     ca: Path | None = None
     """Extra CA certificate to trust for the relay (a private or dev CA)."""
+
+    plain_data: bool = False
+    """Use the relay's plaintext data port when it offers one (trusted networks only)."""
 
     @property
     def address(self) -> tuple[str, int]:
@@ -322,7 +325,7 @@ class AgentSession:
         if self.closed or self._welcome is None:
             return
         try:
-            stream = await self._dial(self._data_context)
+            stream = await self._dial_data()
         except ConnectionError as exc:
             log.warning("data connection to %s failed: %s", self.settings.relay, exc)
             return
@@ -357,9 +360,25 @@ class AgentSession:
                 local.abort()
             stream.close()
             return
-        splice = Splice(stream, local, on_done=agent_tunnel.splices.discard)
+        splice = join(stream, local, on_done=agent_tunnel.splices.discard)
         agent_tunnel.splices.add(splice)
         splice.start(a_first=channel.trailing)
+
+    async def _dial_data(self) -> Stream:
+        """A data connection: TLS, or plain TCP where both sides agreed to it."""
+        assert self._welcome is not None
+        plain_port = self._welcome.plain_port
+        if not (self.settings.plain_data and plain_port):
+            return await self._dial(self._data_context)
+        host = names.resolve_host(self.host)
+        try:
+            _, stream = await asyncio.wait_for(
+                asyncio.get_running_loop().create_connection(Stream, host, plain_port),
+                CONNECT_TIMEOUT,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionError(f"plaintext data port {host}:{plain_port}: {exc}") from exc
+        return stream
 
     async def _connect_local(self, port: int) -> Stream | None:
         loop = asyncio.get_running_loop()

@@ -54,6 +54,9 @@ class RelayConfig:
     tcp_host: str | None = None
     """The name visitors use for raw TCP tunnels; defaults to ``domain``."""
 
+    plain_data_listen: tuple[str, int] | None = None
+    """(host, port) accepting data connections without TLS; trusted networks only."""
+
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     """Seconds a TLS handshake may take before the socket is closed."""
 

@@ -50,14 +50,19 @@ class DevRelay:
     token: str
 
     def env(self, port: int) -> dict[str, str]:
-        return {
+        env = {
             "BURROW_RELAY": f"{DEV_DOMAIN}:{port}",
             "BURROW_TOKEN": self.token,
             "BURROW_CA": str(self.ca),
         }
+        if self.config.plain_data_listen is not None:
+            env["BURROW_PLAIN_DATA"] = "1"
+        return env
 
 
-def prepare(state_dir: Path, port: int, tcp_ports: tuple[int, int]) -> DevRelay:
+def prepare(
+    state_dir: Path, port: int, tcp_ports: tuple[int, int], *, plain_data: bool = False
+) -> DevRelay:
     """Create or reuse the dev CA, certificate and signing key; mint a token."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     certs = tls.ensure_dev_certificates(state_dir, DEV_DOMAIN)
@@ -78,6 +83,7 @@ def prepare(state_dir: Path, port: int, tcp_ports: tuple[int, int]) -> DevRelay:
         public_key=public_path,
         listen=(("127.0.0.1", port), ("::1", port)),
         tcp_ports=tcp_ports,
+        plain_data_listen=("127.0.0.1", 0) if plain_data else None,
     )
     token = tokens.mint(key, subject="dev", ttl_seconds=DEV_TOKEN_TTL)
     return DevRelay(config=config, state_dir=state_dir, ca=certs.ca_cert, token=token)

@@ -19,7 +19,7 @@ from typing import Final
 from burrow import names, protocol, tls, tokens
 from burrow.channel import Channel
 from burrow.exception import ConnectionError, LocalProtocolError, RemoteProtocolError
-from burrow.pump import Splice
+from burrow.pump import join
 from burrow.relay.config import POOL_WAIT_SECONDS, RelayConfig
 from burrow.relay.session import RelayTunnel, Session
 from burrow.stream import Stream, TlsStream
@@ -66,6 +66,7 @@ class Relay:
         self._tasks: set[asyncio.Task[None]] = set()
         self.tcp_host = config.tcp_host or self.domain
         self.public_port = config.public_port or 0
+        self.plain_port: int | None = None
 
         self._agent_context = tls.server_context(
             config.cert, config.key, [protocol.ALPN_CONTROL, protocol.ALPN_DATA]
@@ -85,6 +86,19 @@ class Relay:
             await self.add_listener(host, port)
         if not self.public_port:
             self.public_port = self.bound_port
+        if self.config.plain_data_listen is not None:
+            host, port = self.config.plain_data_listen
+            server = await asyncio.get_running_loop().create_server(
+                self._new_plain_data_stream, host, port
+            )
+            self._servers.append(server)
+            self.plain_port = server.sockets[0].getsockname()[1]
+            log.warning(
+                "relay %s takes plaintext data connections on %s:%s: trusted networks only",
+                self.domain,
+                host,
+                self.plain_port,
+            )
 
     async def add_listener(self, host: str, port: int) -> None:
         """Serve the public TLS port on one more address."""
@@ -137,6 +151,9 @@ class Relay:
             handshake_timeout=self.config.handshake_timeout,
             plain_reply=PLAIN_HTTP_REPLY,
         )
+
+    def _new_plain_data_stream(self) -> Stream:
+        return Stream(on_connected=lambda stream: self._spawn(self._serve_data(stream)))
 
     def _pick_context(
         self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
@@ -241,11 +258,12 @@ class Relay:
                 domain=self.domain,
                 heartbeat=self.config.heartbeat,
                 pool=self.config.pool_size,
+                plain_port=self.plain_port,
             )
         )
         await session.run()
 
-    async def _serve_data(self, stream: TlsStream) -> None:
+    async def _serve_data(self, stream: Stream) -> None:
         channel = Channel(stream, protocol.Connection(protocol.Kind.DATA, protocol.Role.RELAY))
         stream.resume_reading()
         attach = await self._first_frame(channel)
@@ -282,7 +300,7 @@ class Relay:
             visitor.close()
             return
         data.send(protocol.Bind(id=tunnel.id, visitor=visitor.peername))
-        splice = Splice(visitor, data.stream, on_done=tunnel.splices.discard)
+        splice = join(visitor, data.stream, on_done=tunnel.splices.discard)
         tunnel.splices.add(splice)
         splice.start()
 
