@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from procs import HOST, free_port, running, tail, wait_for, wait_port
+from procs import HOST, free_port, running, wait_for, wait_port
 from servers import TLS_NAME, Backends
 
 
@@ -56,6 +56,18 @@ class Setup:
     """A fresh TLS connection through the setup, answered by nginx's ``/small``."""
     pids: tuple[int, ...] = ()
     """Processes (with their children) whose CPU time is the tunnel's cost."""
+    procs: tuple[tuple[str, subprocess.Popen[bytes]], ...] = ()
+    """The setup's long-running processes, by name, to notice one that has exited."""
+
+    def gone(self) -> str | None:
+        """Why this setup no longer works, if one of its processes has exited."""
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                why = f"{name} (pid {proc.pid}) exited with {proc.returncode}"
+                if proc.returncode in (0, -2, -15):
+                    why += ", as on SIGTERM or SIGINT: stopped from outside this benchmark?"
+                return why
+        return None
 
 
 def _tls_endpoint(port: int, ca: Path) -> Endpoint:
@@ -77,7 +89,13 @@ def _forwarded(backends: Backends) -> list[int]:
     return [backends.iperf_port, backends.http_port, backends.tls_port]
 
 
-def _relayed(key: str, label: str, ports: list[int], backends: Backends, pids: list[int]) -> Setup:
+def _relayed(
+    key: str,
+    label: str,
+    ports: list[int],
+    backends: Backends,
+    procs: list[tuple[str, subprocess.Popen[bytes]]],
+) -> Setup:
     iperf, http, tls = ports
     return Setup(
         key=key,
@@ -85,7 +103,8 @@ def _relayed(key: str, label: str, ports: list[int], backends: Backends, pids: l
         iperf_port=iperf,
         http=Endpoint(f"http://{HOST}:{http}", http),
         tls=_tls_endpoint(tls, backends.ca),
-        pids=tuple(pids),
+        pids=tuple(proc.pid for _, proc in procs),
+        procs=tuple(procs),
     )
 
 
@@ -100,7 +119,7 @@ def socat(backends: Backends, tmp: Path) -> Iterator[Setup]:
     algorithm holds back the second write of a TLS handshake flight.
     """
     ports: list[int] = []
-    pids: list[int] = []
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     with contextlib.ExitStack() as stack:
         for target in _forwarded(backends):
             port = free_port()
@@ -117,8 +136,8 @@ def socat(backends: Backends, tmp: Path) -> Iterator[Setup]:
             )
             wait_port(port, proc, log, "socat")
             ports.append(port)
-            pids.append(proc.pid)
-        yield _relayed("socat", "socat relay", ports, backends, pids)
+            procs.append(("socat", proc))
+        yield _relayed("socat", "socat relay", ports, backends, procs)
 
 
 # -- ssh -R -------------------------------------------------------------------------
@@ -213,7 +232,7 @@ def ssh_reverse(backends: Backends, tmp: Path) -> Iterator[Setup]:
         )
         for port in ports:
             wait_port(port, ssh, ssh_log, "ssh -R")
-        yield _relayed("ssh", "ssh -R", ports, backends, [sshd.pid, ssh.pid])
+        yield _relayed("ssh", "ssh -R", ports, backends, [("sshd", sshd), ("ssh -R", ssh)])
 
 
 # -- burrow -------------------------------------------------------------------------
@@ -300,15 +319,10 @@ def burrow(
         tcp_ports = [tcp for _, tcp in published]
         for port in tcp_ports:
             wait_port(port, relay, relay_log, "burrow relay's TCP port")
-        raw = _relayed(
-            f"{key}-tcp",
-            f"{label} raw TCP",
-            tcp_ports,
-            backends,
-            [relay.pid, *(proc.pid for proc, _, _ in agents)],
-        )
+        procs = [("burrow relay", relay), *(("burrow forward", proc) for proc, _, _ in agents)]
+        raw = _relayed(f"{key}-tcp", f"{label} raw TCP", tcp_ports, backends, procs)
         https_url = published[1][0]
-        https_endpoint = Endpoint(https_url, relay_port, backends.ca)
+        https_endpoint = Endpoint(https_url, relay_port, state_dir / "ca.pem")
         https = Setup(
             key=f"{key}-https",
             label=f"{label} HTTPS",
@@ -316,7 +330,6 @@ def burrow(
             http=https_endpoint,
             tls=https_endpoint,
             pids=(relay.pid, agents[1][0].pid),
+            procs=tuple(procs),
         )
         yield raw, https
-    if relay.returncode not in (0, None, -15):
-        print(f"burrow dev exited with {relay.returncode}: {tail(relay_log)}", file=sys.stderr)

@@ -54,9 +54,15 @@ def iperf3(port: int, streams: int, seconds: float, pids: tuple[int, ...] = ()) 
         timeout=seconds + 20,
     )
     try:
-        end = json.loads(out)["end"]["sum_received"]
-    except (ValueError, KeyError) as exc:
-        raise BenchError(f"iperf3 gave no result: {out[-300:]}") from exc
+        data = json.loads(out)
+    except ValueError as exc:
+        raise BenchError(f"iperf3 gave no JSON: {out[-200:]}") from exc
+    if "error" in data:
+        raise BenchError(f"iperf3: {data['error']}")
+    try:
+        end = data["end"]["sum_received"]
+    except KeyError as exc:
+        raise BenchError(f"iperf3 gave no result: {out[-200:]}") from exc
     return Bulk(end["bits_per_second"] / 1e9, _cpu_per_gib(pids, before, end["bytes"]))
 
 

@@ -66,16 +66,16 @@ class Plan:
 
 FULL = Plan(
     runs=3,
-    iperf_seconds=2,
+    iperf_seconds=3,
     download_bytes=measure.GIB,
     parallel_download_bytes=measure.GIB // 2,
-    latency_seconds=2,
+    latency_seconds=3,
     latency_connections=10,
     rate_seconds=2,
     rate_connections=64,
-    ttfb_count=40,
+    ttfb_count=50,
     external_budget=90,
-    measure_budget=360,
+    measure_budget=400,
     total_budget=590,
 )
 QUICK = Plan(
@@ -105,21 +105,31 @@ def _step(
 ) -> None:
     """Run ``fn`` on each setup, ``plan.runs`` times round, recording every figure."""
     started = time.monotonic()
+    failed: dict[str, tuple[list[int], str]] = {}
     for run in range(plan.runs):
         if run and time.monotonic() > deadline:
             results.problems.append(f"{name}: only {run} of {plan.runs} runs, out of time")
             break
         for setup in setups:
+            gone = setup.gone()
+            if gone is not None:
+                runs, _ = failed.setdefault(setup.label, ([], gone))
+                runs.append(run + 1)
+                continue
             try:
                 figures = fn(setup)
             except BenchError as exc:
-                results.problems.append(f"{name}, {setup.label}, run {run + 1}: {exc}")
+                runs, _ = failed.setdefault(setup.label, ([], str(exc)))
+                runs.append(run + 1)
                 print(f"  {setup.key}: FAILED {exc}", file=sys.stderr)
                 continue
             for metric, value in figures.items():
                 results.add(metric, setup.key, value)
             shown = ", ".join(f"{k}={report.number(v)}" for k, v in figures.items())
             print(f"  {name} run {run + 1} {setup.key}: {shown}", file=sys.stderr)
+    for label, (runs, why) in failed.items():
+        which = ", ".join(map(str, runs))
+        results.problems.append(f"{name}, {label}: failed in run {which}: {why}")
     print(f"{name}: {time.monotonic() - started:.1f}s", file=sys.stderr)
 
 
@@ -532,8 +542,10 @@ def main(argv: list[str] | None = None) -> int:
                 ]
                 if plain_option is not None:
                     try:
+                        # A state dir of its own: a dev relay's pid and settings live there.
+                        plain_state = tmp / "burrow-plain-state"
                         setups += stack.enter_context(
-                            anchors.burrow(back, tmp / "burrow-plain", state, plain_option)
+                            anchors.burrow(back, tmp / "burrow-plain", plain_state, plain_option)
                         )
                     except BenchError as exc:
                         results.problems.append(f"plaintext agent link: {exc}")
