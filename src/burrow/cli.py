@@ -16,6 +16,7 @@ import click
 
 from burrow import names, tokens
 from burrow.exception import Error
+from burrow.limits import raise_open_file_limit
 from burrow.relay import dev
 from burrow.relay.config import HANDSHAKE_TIMEOUT, RelayConfig
 from burrow.relay.server import Relay
@@ -27,6 +28,7 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    raise_open_file_limit()
 
 
 def _quiet_bad_server_names() -> None:

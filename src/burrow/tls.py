@@ -6,6 +6,8 @@ The dev CA lets a loopback relay serve real, verifiable TLS for
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import secrets
 import ssl
@@ -87,7 +89,21 @@ def server_context(cert: Path, key: Path, alpn: Sequence[str]) -> ssl.SSLContext
 
 
 def client_context(ca: Path | None, alpn: Sequence[str]) -> ssl.SSLContext:
-    """A client context trusting the system's CAs, plus ``ca`` when given, offering ``alpn``."""
+    """A client context trusting the system's CAs, plus ``ca`` when given, offering ``alpn``.
+
+    Contexts are shared: loading the system trust store takes tens of
+    milliseconds, which would otherwise be paid by every new agent session.
+    A changed CA file (new modification time) gets a fresh context.
+    """
+    stamp = None
+    if ca is not None:
+        with contextlib.suppress(OSError):
+            stamp = ca.stat().st_mtime_ns
+    return _client_context(ca, tuple(alpn), stamp)
+
+
+@functools.lru_cache(maxsize=32)
+def _client_context(ca: Path | None, alpn: tuple[str, ...], stamp: int | None) -> ssl.SSLContext:
     context = ssl.create_default_context()
     if ca is not None:
         try:

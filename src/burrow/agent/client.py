@@ -19,6 +19,7 @@ from typing import Any, Final, TypeVar
 
 from burrow.agent.session import AgentSession, Settings
 from burrow.exception import InvalidError
+from burrow.limits import raise_open_file_limit
 from burrow.relay.dev import running_dev_env
 from burrow.tunnel import Tunnel
 
@@ -97,6 +98,7 @@ class _Runtime:
                     ready.set()
                     loop.run_forever()
 
+                raise_open_file_limit()
                 thread = threading.Thread(target=run, name="burrow-agent", daemon=True)
                 thread.start()
                 ready.wait()

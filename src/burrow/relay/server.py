@@ -48,6 +48,11 @@ FIRST_FRAME_TIMEOUT: Final = 10.0
 # range is usually mostly free, so a few tries find one.
 TCP_PORT_ATTEMPTS: Final = 64
 
+# Connections the kernel queues before we accept them. asyncio's default of
+# 100 overflows under a burst of visitors (a dropped SYN costs the visitor a
+# one-second retransmit); the kernel caps it at net.core.somaxconn anyway.
+LISTEN_BACKLOG: Final = 4096
+
 ALPN_VISITOR: Final = ("http/1.1",)
 ALPN_VISITOR_H2: Final = ("h2", "http/1.1")
 
@@ -89,7 +94,7 @@ class Relay:
         if self.config.plain_data_listen is not None:
             host, port = self.config.plain_data_listen
             server = await asyncio.get_running_loop().create_server(
-                self._new_plain_data_stream, host, port
+                self._new_plain_data_stream, host, port, backlog=LISTEN_BACKLOG
             )
             self._servers.append(server)
             self.plain_port = server.sockets[0].getsockname()[1]
@@ -103,7 +108,9 @@ class Relay:
     async def add_listener(self, host: str, port: int) -> None:
         """Serve the public TLS port on one more address."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(self._new_public_stream, host, port)
+        server = await loop.create_server(
+            self._new_public_stream, host, port, backlog=LISTEN_BACKLOG
+        )
         self._servers.append(server)
         for sock in server.sockets:
             log.info("relay %s listening on %s", self.domain, sock.getsockname()[:2])
@@ -341,7 +348,12 @@ class Relay:
             try:
                 for host in hosts:
                     servers.append(
-                        await loop.create_server(lambda: self._new_tcp_visitor(tunnel), host, port)
+                        await loop.create_server(
+                            lambda: self._new_tcp_visitor(tunnel),
+                            host,
+                            port,
+                            backlog=LISTEN_BACKLOG,
+                        )
                     )
             except OSError as exc:
                 last_error = exc
