@@ -92,6 +92,21 @@ class _Range(click.ParamType):  # type: ignore[type-arg]
         return _parse_range(str(value))
 
 
+_log_level_option = click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+_tcp_ports_option = click.option(
+    "--tcp-ports",
+    type=_Range(),
+    default="20000-29999",
+    show_default=True,
+    help="Range that raw TCP tunnels get a random port from.",
+)
+
+
 @click.group()
 @click.version_option(package_name="burrow")
 def main() -> None:
@@ -131,13 +146,7 @@ def main() -> None:
     default=None,
     help="TLS port visitors see, if a load balancer maps it (default: the listen port).",
 )
-@click.option(
-    "--tcp-ports",
-    type=_Range(),
-    default="20000-29999",
-    show_default=True,
-    help="Range that raw TCP tunnels get a random port from.",
-)
+@_tcp_ports_option
 @click.option(
     "--tcp-host", default=None, help="Name visitors use for raw TCP tunnels (default: DOMAIN)."
 )
@@ -155,12 +164,7 @@ def main() -> None:
     show_default=True,
     help="Seconds a TLS handshake may take.",
 )
-@click.option(
-    "--log-level",
-    default="info",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"]),
-)
+@_log_level_option
 def relay(
     domain: str,
     cert: Path,
@@ -225,24 +229,13 @@ def relay(
     help="Where the dev CA and keys live [default: $BURROW_STATE_DIR or "
     "~/.local/state/burrow/dev].",
 )
-@click.option(
-    "--tcp-ports",
-    type=_Range(),
-    default="20000-29999",
-    show_default=True,
-    help="Range that raw TCP tunnels get a random port from.",
-)
+@_tcp_ports_option
 @click.option(
     "--plain-data",
     is_flag=True,
     help="Let agents use plaintext data connections on loopback (faster; same host only).",
 )
-@click.option(
-    "--log-level",
-    default="info",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"]),
-)
+@_log_level_option
 def dev_command(
     port: int,
     env_file: Path | None,
