@@ -133,7 +133,16 @@ def _step(
     print(f"{name}: {time.monotonic() - started:.1f}s", file=sys.stderr)
 
 
-def measure_all(results: Results, plan: Plan, setups: list[Setup], file_size: int) -> None:
+STEPS = ("iperf1", "dl1", "iperf8", "dl8", *(f"lat{r}" for r in RATES), "rate64", "ttfb")
+
+
+def measure_all(
+    results: Results,
+    plan: Plan,
+    setups: list[Setup],
+    file_size: int,
+    only: frozenset[str] = frozenset(STEPS),
+) -> None:
     deadline = time.monotonic() + plan.measure_budget
     raw = [s for s in setups if s.iperf_port is not None]
     http = [s for s in setups if s.http is not None]
@@ -183,14 +192,18 @@ def measure_all(results: Results, plan: Plan, setups: list[Setup], file_size: in
         got = measure.fresh_tls_ttfb(setup.tls, plan.ttfb_count)
         return {"ttfb.p50": got.p50_ms, "ttfb.p99": got.p99_ms}
 
-    _step(results, plan, deadline, "iperf3, 1 stream", raw, iperf(1))
-    _step(results, plan, deadline, "download, 1 stream", http, download(1))
-    _step(results, plan, deadline, "iperf3, 8 streams", raw, iperf(8))
-    _step(results, plan, deadline, "download, 8 streams", http, download(8))
-    for r in RATES:
-        _step(results, plan, deadline, f"latency at {r} req/s", http, latency(r))
-    _step(results, plan, deadline, "highest request rate", http, rate)
-    _step(results, plan, deadline, "fresh TLS TTFB", tls, ttfb)
+    steps: list[tuple[str, str, list[Setup], Callable[[Setup], dict[str, float | None]]]] = [
+        ("iperf1", "iperf3, 1 stream", raw, iperf(1)),
+        ("dl1", "download, 1 stream", http, download(1)),
+        ("iperf8", "iperf3, 8 streams", raw, iperf(8)),
+        ("dl8", "download, 8 streams", http, download(8)),
+        *((f"lat{r}", f"latency at {r} req/s", http, latency(r)) for r in RATES),
+        ("rate64", "highest request rate", http, rate),
+        ("ttfb", "fresh TLS TTFB", tls, ttfb),
+    ]
+    for key, name, chosen, fn in steps:
+        if key in only:
+            _step(results, plan, deadline, name, chosen, fn)
 
 
 # -- the external scripts -------------------------------------------------------------
@@ -515,7 +528,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-external", action="store_true", help="skip setup_latency.py and scale.py"
     )
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated measurements to take (of {','.join(STEPS)}); "
+        "for working on one figure, not for the record",
+    )
+    parser.add_argument(
+        "--setups", help="comma-separated setup keys to measure besides direct (e.g. ssh,burrow-tcp)"
+    )
     args = parser.parse_args(argv)
+    only = frozenset(STEPS if args.only is None else args.only.split(","))
+    if not only <= set(STEPS):
+        parser.error(f"--only: unknown {', '.join(sorted(only - set(STEPS)))}")
     started = time.monotonic()
     plan = QUICK if args.quick else FULL
     try:
@@ -552,14 +576,17 @@ def main(argv: list[str] | None = None) -> int:
             except BenchError as exc:
                 print(f"bench: cannot set up: {exc}", file=sys.stderr)
                 return 1
+            if args.setups:
+                keep = {report.DIRECT, *args.setups.split(",")}
+                setups = [s for s in setups if s.key in keep]
             results.labels = {s.key: s.label for s in setups}
             print(f"set up in {time.monotonic() - started:.1f}s", file=sys.stderr)
             measure_start = time.monotonic()
-            measure_all(results, plan, setups, measure.GIB)
+            measure_all(results, plan, setups, measure.GIB, only)
             elapsed_measure = time.monotonic() - measure_start
         externals: list[tuple[str, dict[str, Any] | None, str]] = []
-        if args.no_external:
-            externals = [(t, None, "Skipped (`--no-external`).") for _, t in EXTERNAL]
+        if args.no_external or args.only or args.setups:
+            externals = [(t, None, "Skipped.") for _, t in EXTERNAL]
         else:
             for i, (script, title) in enumerate(EXTERNAL):
                 # Whatever happened before, the whole run stays within its limit.

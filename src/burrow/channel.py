@@ -13,7 +13,7 @@ import collections
 
 from burrow import protocol
 from burrow.exception import ConnectionError, RemoteProtocolError
-from burrow.stream import Stream
+from burrow.stream import Chunk, Stream
 
 # Frames buffered but not yet taken before we stop reading the peer.
 MAX_QUEUED_MESSAGES = 256
@@ -36,7 +36,7 @@ class Channel:
 
     # -- Receiver ---------------------------------------------------------
 
-    def on_data(self, stream: Stream, data: bytes) -> None:
+    def on_data(self, stream: Stream, data: Chunk) -> None:
         if self._error is not None or self._spliced():
             self.trailing += data
             return

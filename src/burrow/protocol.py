@@ -287,7 +287,7 @@ class Connection:
         self.state = self._advance(self.role, message, LocalProtocolError)
         return data
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
         """Buffer bytes read from the peer."""
         if self.state is State.SPLICED:
             raise LocalProtocolError("a spliced connection carries raw bytes, not frames")

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Final
 
-from burrow.stream import Stream
+from burrow.stream import Chunk, Stream
 
 
 class Splice:
@@ -62,7 +62,7 @@ class Splice:
     def _other(self, stream: Stream) -> Stream:
         return self.b if stream is self.a else self.a
 
-    def on_data(self, stream: Stream, data: bytes) -> None:
+    def on_data(self, stream: Stream, data: Chunk) -> None:
         if stream is self.a:
             self.bytes_a_to_b += len(data)
         else:

@@ -15,7 +15,7 @@ from burrow import protocol
 from burrow.channel import Channel
 from burrow.exception import ConnectionError, LocalProtocolError, RemoteProtocolError
 from burrow.pump import Splice
-from burrow.stream import Stream
+from burrow.stream import Chunk, Stream
 from burrow.tokens import TokenClaims
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class _Pooled:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def on_data(self, stream: Stream, data: bytes) -> None:
+    def on_data(self, stream: Stream, data: Chunk) -> None:
         # The agent may not speak before bind; treat it as broken.
         self.session.drop_pooled(stream)
         stream.abort()
