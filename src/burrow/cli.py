@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -19,7 +20,8 @@ from burrow.exception import Error
 from burrow.limits import raise_open_file_limit
 from burrow.relay import dev
 from burrow.relay.config import HANDSHAKE_TIMEOUT, RelayConfig
-from burrow.relay.server import Relay
+from burrow.relay.server import LISTEN_BACKLOG, Relay
+from burrow.relay.workers import Worker, bind_listeners, run_workers
 
 
 def _setup_logging(level: str) -> None:
@@ -98,6 +100,13 @@ _log_level_option = click.option(
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
+_workers_option = click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Relay processes sharing the port; one per core uses every core.",
+)
 _tcp_ports_option = click.option(
     "--tcp-ports",
     type=_Range(),
@@ -164,6 +173,7 @@ def main() -> None:
     show_default=True,
     help="Seconds a TLS handshake may take.",
 )
+@_workers_option
 @_log_level_option
 def relay(
     domain: str,
@@ -176,6 +186,7 @@ def relay(
     tcp_host: str | None,
     plain_data_listen: str | None,
     handshake_timeout: float,
+    workers: int,
     log_level: str,
 ) -> None:
     """Run a relay: visitors and agents on one TLS port, raw TCP tunnels on a range."""
@@ -197,12 +208,42 @@ def relay(
             handshake_timeout=handshake_timeout,
         )
 
-        async def run() -> None:
-            await _serve(await Relay.start(config))
+        if workers == 1:
 
-        _run_async(run)
+            async def run() -> None:
+                await _serve(await Relay.start(config))
+
+            _run_async(run)
+        else:
+            _run_workers(config, bind_listeners(list(config.listen), LISTEN_BACKLOG), workers)
     except (Error, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _run_workers(
+    config: RelayConfig,
+    sockets: list[socket.socket],
+    count: int,
+    on_started: Callable[[], None] | None = None,
+) -> None:
+    """Serve ``config`` from ``count`` worker processes sharing ``sockets``."""
+
+    def serve(worker: Worker) -> None:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(
+                logging.Formatter(
+                    f"%(asctime)s %(levelname)s %(name)s[{worker.index}]: %(message)s"
+                )
+            )
+
+        async def run() -> None:
+            await _serve(await Relay.start(config, worker=worker, sockets=sockets))
+
+        _run_async(run)
+
+    if on_started is not None:
+        on_started()  # the sockets already listen: connections queue until a worker takes them
+    run_workers(count, serve)
 
 
 # -- dev ----------------------------------------------------------------------
@@ -235,6 +276,7 @@ def relay(
     is_flag=True,
     help="Let agents use plaintext data connections on loopback (faster; same host only).",
 )
+@_workers_option
 @_log_level_option
 def dev_command(
     port: int,
@@ -242,6 +284,7 @@ def dev_command(
     state_dir: Path | None,
     tcp_ports: tuple[int, int],
     plain_data: bool,
+    workers: int,
     log_level: str,
 ) -> None:
     """Run a relay on loopback for r1.localhost, with a CA it generates and keeps."""
@@ -253,33 +296,57 @@ def dev_command(
     except (Error, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
 
+    def started(env: dict[str, str], listening: list[tuple[str, int]]) -> None:
+        dev.write_env_file(state / dev.ENV_FILE, env)
+        if env_file is not None:
+            dev.write_env_file(env_file, env)
+        dev.write_pid(state)
+        hosts = ", ".join(_show(host, p) for host, p in listening)
+        click.echo(f"burrow dev relay for {dev.DEV_DOMAIN} on {hosts}")
+        click.echo("Client settings (already picked up by `burrow forward` on this machine):")
+        for key, value in env.items():
+            click.echo(f"  export {key}={value}")
+        if env_file is not None:
+            click.echo(f"Wrote them to {env_file}")
+        click.echo("Press Ctrl-C to stop.", err=True)
+
     async def run() -> None:
         relay = await _start_dev_relay(prepared.config)
         env = prepared.env(relay.public_port)
-
-        def started() -> None:
-            dev.write_env_file(state / dev.ENV_FILE, env)
-            if env_file is not None:
-                dev.write_env_file(env_file, env)
-            dev.write_pid(state)
-            hosts = ", ".join(_show(host, p) for host, p in relay.listening)
-            click.echo(f"burrow dev relay for {dev.DEV_DOMAIN} on {hosts}")
-            click.echo("Client settings (already picked up by `burrow forward` on this machine):")
-            for key, value in env.items():
-                click.echo(f"  export {key}={value}")
-            if env_file is not None:
-                click.echo(f"Wrote them to {env_file}")
-            click.echo("Press Ctrl-C to stop.", err=True)
-
         try:
-            await _serve(relay, started)
+            await _serve(relay, lambda: started(env, relay.listening))
         finally:
             dev.clear_pid(state)
 
     try:
-        _run_async(run)
+        if workers == 1:
+            _run_async(run)
+            return
+        sockets = _bind_dev_listeners(prepared.config)
+        public_port = sockets[0].getsockname()[1]
+        config = dataclasses.replace(prepared.config, public_port=public_port)
+        listening = [sock.getsockname()[:2] for sock in sockets]
+        try:
+            _run_workers(
+                config,
+                sockets,
+                workers,
+                lambda: started(prepared.env(public_port), listening),
+            )
+        finally:
+            dev.clear_pid(state)
     except (Error, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _bind_dev_listeners(config: RelayConfig) -> list[socket.socket]:
+    """The dev relay's sockets for its workers: 127.0.0.1, and ::1 at the same port if it can."""
+    sockets = bind_listeners(list(config.listen[:1]), LISTEN_BACKLOG)
+    try:
+        sockets += bind_listeners([("::1", sockets[0].getsockname()[1])], LISTEN_BACKLOG)
+    except OSError as exc:
+        logging.getLogger("burrow.relay").info("not listening on [::1]: %s", exc)
+    return sockets
 
 
 def _show(host: str, port: int) -> str:

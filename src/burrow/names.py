@@ -6,6 +6,7 @@ published under, and checks the names and addresses users and visitors hand us.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 import secrets
@@ -35,6 +36,24 @@ _PORT_RE = re.compile(r"[0-9]{1,5}")
 def new_label() -> str:
     """Return a fresh random tunnel label, e.g. ``wtqcahqwhd4tu0``."""
     return "".join(secrets.choice(LABEL_ALPHABET) for _ in range(LABEL_LENGTH))
+
+
+def worker_of(name: str, workers: int) -> int:
+    """Which of a relay's ``workers`` processes owns a label or session id.
+
+    A stable hash, the same in every process, so any worker can tell where
+    a server name belongs without asking anyone.
+    """
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % workers
+
+
+def new_label_for(worker: int, workers: int) -> str:
+    """A fresh label owned by ``worker`` (``log2(workers)`` bits less random than 72)."""
+    while True:
+        label = new_label()
+        if workers == 1 or worker_of(label, workers) == worker:
+            return label
 
 
 def is_label(text: str) -> bool:

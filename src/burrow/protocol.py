@@ -64,6 +64,7 @@ class Welcome(_Message):
     heartbeat: int
     pool: int
     plain_port: int | None = None
+    data_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,9 @@ import threading
 from collections.abc import Callable
 from typing import Final, Protocol, cast
 
+from burrow.exception import RemoteProtocolError
+from burrow.hello import ClientHello, parse_client_hello
+
 # Bytes per socket read and per TLS read call; big reads amortise Python's
 # per-call cost.
 READ_SIZE: Final = 256 * 1024
@@ -261,6 +264,10 @@ class Stream(asyncio.BufferedProtocol):
 
 HandshakeCallback = Callable[["TlsStream", BaseException | None], None]
 
+# Told the ClientHello and the bytes that carried it before any TLS is done;
+# True means it took the connection away (handed it to another process).
+HelloCallback = Callable[["TlsStream", ClientHello, bytes], bool]
+
 
 class TlsStream(Stream):
     """TLS over a TCP transport, able to half-close in each direction.
@@ -278,7 +285,10 @@ class TlsStream(Stream):
         server_hostname: str | None = None,
         handshake_timeout: float | None = None,
         plain_reply: bytes | None = None,
+        on_client_hello: HelloCallback | None = None,
+        prelude: bytes = b"",
     ) -> None:
+        """``prelude``: bytes another process already read from this connection."""
         super().__init__()
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
@@ -293,6 +303,9 @@ class TlsStream(Stream):
         self._reading = False
         self._eof_deferred = False
         self._plain_buffer = _buffers.plain
+        self._on_client_hello = on_client_hello
+        self._hello = bytearray()
+        self._prelude = prelude
         self.handshake_done = False
 
     # -- handshake --------------------------------------------------------
@@ -303,6 +316,9 @@ class TlsStream(Stream):
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self._handshake_timeout, self._handshake_expired)
         self._step_handshake()
+        if self._prelude:
+            prelude, self._prelude = self._prelude, b""
+            self.data_received(prelude)
 
     def _handshake_expired(self) -> None:
         self._fail_handshake(TimeoutError("TLS handshake timed out"))
@@ -347,12 +363,40 @@ class TlsStream(Stream):
                     self.transport.write(self._plain_reply)
                 self._fail_handshake(ssl.SSLError("plain text on the TLS port"))
                 return
+        if self._on_client_hello is not None:
+            if not self._read_hello(data):
+                return
+            data, self._hello = bytes(self._hello), bytearray()
         self._incoming.write(data)
         if not self.handshake_done:
             if self._on_handshake is not None:
                 self._step_handshake()
             return
         self._read_records()
+
+    def _read_hello(self, data: Chunk) -> bool:
+        """Gather the ClientHello for ``on_client_hello``; True once OpenSSL may have the bytes."""
+        self._hello += data
+        try:
+            hello = parse_client_hello(bytes(self._hello))
+        except RemoteProtocolError:
+            hello = None  # not a ClientHello: OpenSSL refuses it with a proper alert
+        else:
+            if hello is None:
+                return False  # more to come
+        callback, self._on_client_hello = self._on_client_hello, None
+        if hello is not None and callback is not None:
+            # False from the callback: this process serves the connection after all.
+            return not callback(self, hello, bytes(self._hello))
+        return True
+
+    def hand_off(self) -> socket.socket:
+        """Give up the connection before its handshake, for another process to serve."""
+        self._on_handshake = None
+        if self._timer is not None:
+            self._timer.cancel()
+        sock, _, _ = self.detach()
+        return sock
 
     def eof_received(self) -> bool:
         if not self.handshake_done:

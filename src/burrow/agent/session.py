@@ -122,8 +122,8 @@ class AgentSession:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    async def _dial(self, context: ssl.SSLContext) -> TlsStream:
-        """One TLS connection to the relay's public port, SNI = the relay's name."""
+    async def _dial(self, context: ssl.SSLContext, server_name: str | None = None) -> TlsStream:
+        """One TLS connection to the relay's public port; SNI is the relay's name by default."""
         loop = asyncio.get_running_loop()
         handshake: asyncio.Future[None] = loop.create_future()
 
@@ -139,7 +139,7 @@ class AgentSession:
             return TlsStream(
                 context,
                 server_side=False,
-                server_hostname=self.host,
+                server_hostname=server_name or self.host,
                 on_handshake=done,
                 handshake_timeout=CONNECT_TIMEOUT,
             )
@@ -369,7 +369,7 @@ class AgentSession:
         assert self._welcome is not None
         plain_port = self._welcome.plain_port
         if not (self.settings.plain_data and plain_port):
-            return await self._dial(self._data_context)
+            return await self._dial(self._data_context, self._welcome.data_name)
         host = names.resolve_host(self.host)
         try:
             _, stream = await asyncio.wait_for(

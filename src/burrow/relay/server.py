@@ -13,15 +13,18 @@ import contextlib
 import hmac
 import logging
 import random
+import socket
 import ssl
 from typing import Final
 
 from burrow import names, protocol, tls, tokens
 from burrow.channel import Channel
 from burrow.exception import ConnectionError, LocalProtocolError, RemoteProtocolError
+from burrow.hello import ClientHello
 from burrow.pump import join
 from burrow.relay.config import POOL_WAIT_SECONDS, RelayConfig
 from burrow.relay.session import RelayTunnel, Session
+from burrow.relay.workers import Worker
 from burrow.stream import Stream, TlsStream
 
 log = logging.getLogger("burrow.relay")
@@ -58,10 +61,15 @@ ALPN_VISITOR_H2: Final = ("h2", "http/1.1")
 
 
 class Relay:
-    """A running relay. Use ``await Relay.start(config)`` and ``await relay.close()``."""
+    """A running relay. Use ``await Relay.start(config)`` and ``await relay.close()``.
 
-    def __init__(self, config: RelayConfig) -> None:
+    As one of several worker processes (``worker``), it serves the labels
+    and sessions it owns and passes other visitors to their owner.
+    """
+
+    def __init__(self, config: RelayConfig, worker: Worker | None = None) -> None:
         self.config = config
+        self.worker = worker
         self.domain = names.normalize_domain(config.domain)
         self.public_key = tokens.read_public_key(config.public_key)
         self.sessions: dict[str, Session] = {}
@@ -81,19 +89,39 @@ class Relay:
         self._agent_context.sni_callback = self._pick_context
 
     @classmethod
-    async def start(cls, config: RelayConfig) -> Relay:
-        relay = cls(config)
-        await relay._listen()
+    async def start(
+        cls,
+        config: RelayConfig,
+        *,
+        worker: Worker | None = None,
+        sockets: list[socket.socket] | None = None,
+    ) -> Relay:
+        """Listen on ``config.listen``, or on ``sockets`` already listening (the workers')."""
+        relay = cls(config, worker)
+        await relay._listen(sockets)
         return relay
 
-    async def _listen(self) -> None:
-        for host, port in self.config.listen:
-            await self.add_listener(host, port)
+    async def _listen(self, sockets: list[socket.socket] | None) -> None:
+        loop = asyncio.get_running_loop()
+        if sockets is None:
+            for host, port in self.config.listen:
+                await self.add_listener(host, port)
+        else:
+            for sock in sockets:
+                self._servers.append(
+                    await loop.create_server(
+                        self._new_public_stream, sock=sock, backlog=LISTEN_BACKLOG
+                    )
+                )
         if not self.public_port:
             self.public_port = self.bound_port
+        if self.worker is not None:
+            loop.add_reader(self.worker.inbox.fileno(), self._adopt_handed_off)
         if self.config.plain_data_listen is not None:
             host, port = self.config.plain_data_listen
-            server = await asyncio.get_running_loop().create_server(
+            if port and self.worker is not None:
+                port += self.worker.index  # the agent's welcome names its session's worker's port
+            server = await loop.create_server(
                 self._new_plain_data_stream, host, port, backlog=LISTEN_BACKLOG
             )
             self._servers.append(server)
@@ -132,6 +160,9 @@ class Relay:
 
     async def close(self) -> None:
         self.shutting_down = True
+        if self.worker is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.worker.inbox.fileno())
         for server in self._servers:
             server.close()
         for session in list(self.sessions.values()):
@@ -150,14 +181,58 @@ class Relay:
 
     # -- the public port: TLS and who is calling ---------------------------
 
-    def _new_public_stream(self) -> TlsStream:
+    def _new_public_stream(self, prelude: bytes = b"") -> TlsStream:
+        routing = self.worker is not None and self.worker.count > 1 and not prelude
         return TlsStream(
             self._agent_context,
             server_side=True,
             on_handshake=self._on_handshake,
             handshake_timeout=self.config.handshake_timeout,
             plain_reply=PLAIN_HTTP_REPLY,
+            on_client_hello=self._route if routing else None,
+            prelude=prelude,
         )
+
+    # -- workers: every name to the process that owns it -----------------------
+
+    def new_name(self) -> str:
+        """A fresh label or session id that this process owns and no one holds."""
+        index, count = (self.worker.index, self.worker.count) if self.worker else (0, 1)
+        while True:
+            name = names.new_label_for(index, count)
+            # 72 bits: a repeat never happens in practice, but is cheap to rule out.
+            if name not in self.routes and name not in self.sessions:
+                return name
+
+    def _route(self, stream: TlsStream, hello: ClientHello, prelude: bytes) -> bool:
+        """Pass a connection whose server name another worker owns to that worker."""
+        worker = self.worker
+        label = names.label_of(hello.server_name, self.domain)
+        if worker is None or label is None:
+            return False  # the relay's own name (an agent's control connection) or junk
+        owner = names.worker_of(label, worker.count)
+        if owner == worker.index or not stream.can_detach():
+            return False
+        worker.hand_off(owner, stream.hand_off(), prelude)
+        return True
+
+    def _adopt_handed_off(self) -> None:
+        assert self.worker is not None
+        loop = asyncio.get_running_loop()
+        for sock, prelude in self.worker.receive():
+            if self.shutting_down:
+                sock.close()
+                continue
+            self._spawn(self._adopt(loop, sock, prelude))
+
+    async def _adopt(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes
+    ) -> None:
+        try:
+            await loop.connect_accepted_socket(lambda: self._new_public_stream(data), sock)
+        except OSError as exc:
+            log.debug("a connection handed over was gone: %s", exc)
+            sock.close()
 
     def _new_plain_data_stream(self) -> Stream:
         return Stream(on_connected=lambda stream: self._spawn(self._serve_data(stream)))
@@ -175,6 +250,8 @@ class Relay:
         label = names.label_of(name, self.domain)
         if label is None:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        if label in self.sessions:
+            return None  # a data connection names its session, for the workers' routing
         tunnel = self.routes.get(label)
         h2 = tunnel is not None and tunnel.h2
         ssl_object.context = self._visitor_h2_context if h2 else self._visitor_context
@@ -198,6 +275,9 @@ class Relay:
                 stream.close()
             return
         label = names.label_of(name, self.domain) if name else None
+        if label in self.sessions and stream.alpn == protocol.ALPN_DATA:
+            self._spawn(self._serve_data(stream))
+            return
         tunnel = self.routes.get(label) if label else None
         if tunnel is None:
             stream.write(NOT_FOUND_REPLY)
@@ -266,6 +346,7 @@ class Relay:
                 heartbeat=self.config.heartbeat,
                 pool=self.config.pool_size,
                 plain_port=self.plain_port,
+                data_name=f"{session.id}.{self.domain}",
             )
         )
         await session.run()
@@ -314,9 +395,7 @@ class Relay:
     # -- tunnels --------------------------------------------------------------
 
     def new_tunnel(self, session: Session, message: protocol.Open) -> RelayTunnel:
-        label = names.new_label()
-        while label in self.routes:  # 72 bits: never in practice, but cheap to rule out
-            label = names.new_label()
+        label = self.new_name()
         tunnel = RelayTunnel(
             session=session,
             id=message.id,

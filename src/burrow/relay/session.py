@@ -72,7 +72,7 @@ class Session:
         self.relay = relay
         self.channel = channel
         self.claims = claims
-        self.id = secrets.token_urlsafe(12)
+        self.id = relay.new_name()
         self.key = secrets.token_urlsafe(32)
         self.tunnels: dict[int, RelayTunnel] = {}
         self._pool: collections.deque[Channel] = collections.deque()
