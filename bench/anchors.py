@@ -263,16 +263,25 @@ def _read_env(path: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def burrow(
-    backends: Backends, tmp: Path, state_dir: Path, plain_link: str | None = None
+    backends: Backends,
+    tmp: Path,
+    state_dir: Path,
+    plain_link: str | None = None,
+    workers: int = 1,
 ) -> Iterator[tuple[Setup, Setup]]:
     """``burrow dev`` on a free loopback port and one ``burrow forward --tcp`` per port.
 
     Yields the raw TCP setup and the HTTPS setup, which share the relay and
-    agents. ``plain_link`` is the relay's option for a plaintext agent link.
+    agents. ``plain_link`` is the relay's option for a plaintext agent link;
+    ``workers`` its number of worker processes.
     """
     relay_args = [plain_link] if plain_link else []
     key = "burrow-plain" if plain_link else "burrow"
     label = "burrow plain link†" if plain_link else "burrow"
+    if workers > 1:
+        relay_args += ["--workers", str(workers)]
+        key += f"-w{workers}"
+        label += f", {workers} workers"
     tmp.mkdir(parents=True, exist_ok=True)
     env_file = tmp / "env"
     with contextlib.ExitStack() as stack:
@@ -333,3 +342,37 @@ def burrow(
             procs=tuple(procs),
         )
         yield raw, https
+
+
+@contextlib.contextmanager
+def spread_tunnels(
+    backends: Backends, tmp: Path, state_dir: Path, workers: int, per_worker: int = 2
+) -> Iterator[list[Endpoint]]:
+    """HTTPS tunnels to nginx, each from its own agent, until every worker owns ``per_worker``.
+
+    A tunnel is served by the worker that owns its label, so a busy relay
+    is busy across workers only when it carries many tunnels: this makes
+    them, one ``burrow forward`` process (one session) each.
+    """
+    from burrow import names
+
+    env_file = state_dir / "env"
+    relay_port = int(_read_env(env_file)["BURROW_RELAY"].rsplit(":", 1)[1])
+    agent_env = {"BURROW_STATE_DIR": str(state_dir), "BURROW_RELAY": "", "BURROW_TOKEN": ""}
+    owned: dict[int, list[Endpoint]] = {i: [] for i in range(workers)}
+    tmp.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        for n in range(8 * workers * per_worker):
+            if all(len(found) >= per_worker for found in owned.values()):
+                break
+            out, log = tmp / f"spread-{n}.out", tmp / f"spread-{n}.log"
+            proc = stack.enter_context(
+                running(_burrow("forward", str(backends.http_port)), log, env=agent_env, stdout=out)
+            )
+            wait_for(lambda out=out: out.exists() and bool(out.read_text()), proc, log, "forward")
+            url = out.read_text().splitlines()[0].strip()
+            label = urlsplit(url).hostname.split(".", 1)[0]  # type: ignore[union-attr]
+            owned[names.worker_of(label, workers)].append(
+                Endpoint(url, relay_port, state_dir / "ca.pem")
+            )
+        yield [e for found in owned.values() for e in found[:per_worker]]

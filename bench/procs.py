@@ -166,6 +166,14 @@ def _stat(pid: int) -> tuple[int, float] | None:
     return ppid, (utime + stime + cutime + cstime) / _TICK
 
 
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid``."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def cpu_seconds(roots: Sequence[int]) -> float:
     """CPU time used so far by ``roots`` and every live descendant of theirs."""
     stats: dict[int, tuple[int, float]] = {}

@@ -12,6 +12,7 @@ the machine touches every setup alike.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime
 import json
@@ -28,8 +29,9 @@ from typing import Any
 import anchors
 import machine
 import measure
+import procs
 import report
-from anchors import Setup
+from anchors import Endpoint, Setup
 from procs import BenchError, tail
 from report import Column, Results
 from servers import backends
@@ -93,6 +95,8 @@ QUICK = Plan(
     total_budget=240,
 )
 RATES = (1000, 5000)
+# Relay worker processes in the multi-core setup: one per core.
+WORKERS = max(2, os.cpu_count() or 1)
 
 
 def _step(
@@ -206,6 +210,56 @@ def measure_all(
             _step(results, plan, deadline, name, chosen, fn)
 
 
+def worker_spread(
+    plan: Plan, setups: list[Setup], endpoints: list[Endpoint], file_size: int
+) -> dict[str, Any] | None:
+    """CPU of each relay worker while HTTPS traffic crosses tunnels that all workers own."""
+    setup = next((s for s in setups if s.key == f"burrow-w{WORKERS}-https"), None)
+    if setup is None or setup.gone() is not None or not endpoints:
+        return None
+    workers = procs.children(setup.pids[0])
+    streams = max(1, 8 // len(endpoints))
+    connections = max(1, plan.rate_connections // len(endpoints))
+
+    def together(job: Callable[[Endpoint], object]) -> None:
+        with concurrent.futures.ThreadPoolExecutor(len(endpoints)) as pool:
+            for done in [pool.submit(job, e) for e in endpoints]:
+                done.result()
+
+    size = plan.parallel_download_bytes // len(endpoints)
+    loads: list[tuple[str, Callable[[], None]]] = [
+        (
+            f"{streams * len(endpoints)} parallel HTTPS downloads over {len(endpoints)} tunnels",
+            lambda: together(lambda e: measure.download(e, size, streams, file_size=file_size)),
+        ),
+        (
+            f"{connections * len(endpoints)} HTTPS connections over {len(endpoints)} tunnels, "
+            "highest request rate",
+            lambda: together(lambda e: measure.max_rate(e, connections, plan.rate_seconds)),
+        ),
+    ]
+    rows: list[list[str]] = []
+    shares: list[float] = []
+    for name, load in loads:
+        before = [procs.cpu_seconds([pid]) for pid in workers]
+        started = time.monotonic()
+        try:
+            load()
+        except BenchError as exc:
+            rows.append([name, *(["-"] * len(workers)), f"failed: {exc}"])
+            continue
+        elapsed = time.monotonic() - started
+        used = [procs.cpu_seconds([pid]) - b for pid, b in zip(workers, before, strict=True)]
+        shares += [u / elapsed for u in used]
+        rows.append([name, *(f"{u / elapsed:.0%}" for u in used), f"{sum(used) / elapsed:.0%}"])
+    return {
+        "caption": f"Relay with {len(workers)} worker processes: share of a core each used",
+        "columns": ["load", *(f"worker {i}" for i in range(len(workers))), "all workers"],
+        "rows": rows,
+        "min_share": min(shares) if shares else None,
+    }
+
+
 # -- the external scripts -------------------------------------------------------------
 
 
@@ -254,7 +308,9 @@ def run_external(script: str, budget: float, tmp: Path) -> tuple[dict[str, Any] 
 # -- the report -----------------------------------------------------------------------
 
 
-def _targets(results: Results, plain_offered: bool) -> dict[str, Any]:
+def _targets(
+    results: Results, plain_offered: bool, spread: dict[str, Any] | None
+) -> dict[str, Any]:
     def at_least(value: float | None, goal: float) -> str:
         return "-" if value is None else ("yes" if value >= goal else "**no**")
 
@@ -310,6 +366,15 @@ def _targets(results: Results, plain_offered: bool) -> dict[str, Any]:
             at_most(r, 1.5),
         ]
     )
+    share = spread.get("min_share") if spread else None
+    rows.append(
+        [
+            f"a busy relay uses every core ({WORKERS} workers, busy HTTPS)",
+            "each worker does real work",
+            "-" if share is None else f"least busy worker: {share:.0%} of a core",
+            "-" if share is None else ("yes" if share >= 0.2 else "**no**"),
+        ]
+    )
     return {
         "caption": "Targets of issue 3, from this run",
         "columns": ["what", "target", "measured", "met?"],
@@ -348,6 +413,7 @@ def render(
     externals: list[tuple[str, dict[str, Any] | None, str]],
     pictures: dict[str, str],
     elapsed_measure: float,
+    spread: dict[str, Any] | None,
 ) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     out: list[str] = [
@@ -402,7 +468,7 @@ def render(
         "",
         "## Targets",
         "",
-        report.markdown_table(_targets(results, plain_option is not None)),
+        report.markdown_table(_targets(results, plain_option is not None, spread)),
         "",
     ]
 
@@ -493,6 +559,23 @@ def render(
         "each, so no TLS session is resumed. *direct* is a fresh TLS connection to the local "
         "nginx TLS server: the anchor of the target.",
     )
+    out.extend(["## 5. Every core", ""])
+    if spread is None:
+        out.extend(["Not measured: the relay with worker processes was not set up.", ""])
+    else:
+        out.extend(
+            [
+                f"`burrow dev --workers {WORKERS}`: the relay in {WORKERS} processes sharing "
+                "its port (see docs/operations.md). A tunnel is served by the worker that owns "
+                "its label, so the load here is HTTPS traffic over several tunnels, each from "
+                "an agent of its own, two owned by each worker. CPU of each worker process "
+                "over the load, as a share of one core; the clients, nginx and the agents "
+                "share the same cores.",
+                "",
+                report.markdown_table(spread, numbers=False),
+                "",
+            ]
+        )
     for title, data, problem in externals:
         out.extend([f"## {title}", ""])
         if data is None:
@@ -534,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         "for working on one figure, not for the record",
     )
     parser.add_argument(
-        "--setups", help="comma-separated setup keys to measure besides direct (e.g. ssh,burrow-tcp)"
+        "--setups",
+        help="comma-separated setup keys to measure besides direct (e.g. ssh,burrow-tcp)",
     )
     args = parser.parse_args(argv)
     only = frozenset(STEPS if args.only is None else args.only.split(","))
@@ -564,6 +648,18 @@ def main(argv: list[str] | None = None) -> int:
                     stack.enter_context(anchors.socat(back, tmp)),
                     *stack.enter_context(anchors.burrow(back, tmp / "burrow", state)),
                 ]
+                # The relay in one worker process per core, as a busy relay runs.
+                try:
+                    setups += stack.enter_context(
+                        anchors.burrow(
+                            back,
+                            tmp / "burrow-workers",
+                            tmp / "burrow-workers-state",
+                            workers=WORKERS,
+                        )
+                    )
+                except BenchError as exc:
+                    results.problems.append(f"relay with {WORKERS} workers: {exc}")
                 if plain_option is not None:
                     try:
                         # A state dir of its own: a dev relay's pid and settings live there.
@@ -583,6 +679,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"set up in {time.monotonic() - started:.1f}s", file=sys.stderr)
             measure_start = time.monotonic()
             measure_all(results, plan, setups, measure.GIB, only)
+            spread = None
+            if not (args.only or args.setups):
+                try:
+                    with anchors.spread_tunnels(
+                        back, tmp / "spread", tmp / "burrow-workers-state", WORKERS
+                    ) as endpoints:
+                        spread = worker_spread(plan, setups, endpoints, measure.GIB)
+                except BenchError as exc:
+                    results.problems.append(f"every core: {exc}")
             elapsed_measure = time.monotonic() - measure_start
         externals: list[tuple[str, dict[str, Any] | None, str]] = []
         if args.no_external or args.only or args.setups:
@@ -602,7 +707,16 @@ def main(argv: list[str] | None = None) -> int:
     note = "(--quick)" if args.quick else f"(median of {plan.runs})"
     pictures = report.charts(results, args.out, note)
     text = render(
-        results, plan, args.quick, plain_option, info, vers, externals, pictures, elapsed_measure
+        results,
+        plan,
+        args.quick,
+        plain_option,
+        info,
+        vers,
+        externals,
+        pictures,
+        elapsed_measure,
+        spread,
     )
     (args.out / "benchmarks.md").write_text(text)
     print(f"wrote {args.out / 'benchmarks.md'}", file=sys.stderr)
