@@ -74,6 +74,8 @@ class Open(_Message):
     port: int
     tcp: bool
     h2: bool
+    allow: str | None = None
+    claim: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,7 @@ class Opened(_Message):
     port: int
     tcp_host: str | None = None
     tcp_port: int | None = None
+    claim: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
