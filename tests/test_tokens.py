@@ -23,12 +23,16 @@ from burrow.tokens import (
     TOKEN_ISSUER,
     TokenClaims,
     TokenError,
+    append_revocation,
     generate_signing_key,
     mint,
     parse_duration,
+    parse_revocation_list,
     public_key_pem,
     read_public_key,
     read_signing_key,
+    token_id_of,
+    unverified_subject,
     verify,
     write_public_key,
     write_signing_key,
@@ -484,3 +488,128 @@ def test_parse_duration(text: str, seconds: int | None) -> None:
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(InvalidError, match="invalid duration"):
         parse_duration(text)
+
+
+# Revocation
+
+
+def test_revoked_token_is_refused_with_its_own_reason() -> None:
+    token = mint(KEY, subject="x", ttl_seconds=60, now=NOW)
+    token_id = verify(token, PUBLIC, now=NOW).token_id
+    assert verify(token, PUBLIC, now=NOW, revoked={"someone-else"}).token_id == token_id
+    with pytest.raises(TokenError) as info:
+        verify(token, PUBLIC, now=NOW, revoked={"someone-else", token_id})
+    assert info.value.reason == "revoked"
+    assert str(info.value) == f"token {token_id} was revoked"
+
+
+def test_a_forgery_of_a_revoked_id_is_a_forgery() -> None:
+    # Only a token we signed can be "revoked": the signature is checked first.
+    forged = signed({"alg": "EdDSA", "typ": "JWT"}, good_claims(jti="gone"), generate_signing_key())
+    assert reason_of(forged, now=NOW, revoked={"gone"}) == "bad-signature"
+
+
+def test_every_refusal_says_which_it_is() -> None:
+    """Wrong signature, expired, malformed and revoked: four messages told apart."""
+    other = generate_signing_key()
+    cases = {
+        "bad-signature": (mint(other, subject="x", ttl_seconds=60, now=NOW), NOW),
+        "expired": (mint(KEY, subject="x", ttl_seconds=60, now=NOW), NOW + 3600),
+        "malformed": ("not.a-token", NOW),
+        "revoked": (signed({"alg": "EdDSA", "typ": "JWT"}, good_claims(jti="gone")), NOW),
+    }
+    words = {"bad-signature": "signature", "expired": "expired", "malformed": "malformed"}
+    words["revoked"] = "revoked"
+    for reason, (token, now) in cases.items():
+        with pytest.raises(TokenError) as info:
+            verify(token, PUBLIC, now=now, revoked={"gone"})
+        assert info.value.reason == reason
+        message = str(info.value)
+        assert [word for word in words.values() if word in message] == [words[reason]], message
+
+
+def test_parse_revocation_list() -> None:
+    text = (
+        "# revoked burrow tokens\n"
+        "\n"
+        "abc\n"
+        "  def  # subject ci, revoked 2026-01-01\n"
+        "\t\n"
+        "ghi#no space before the comment\r\n"
+        "# jkl is only mentioned\n"
+        "abc\n"
+        "last-line-without-newline"
+    )
+    assert parse_revocation_list(text) == {"abc", "def", "ghi", "last-line-without-newline"}
+    assert parse_revocation_list("") == frozenset()
+    assert parse_revocation_list("# nothing yet\n\n") == frozenset()
+
+
+def test_token_id_needs_no_key() -> None:
+    stranger = generate_signing_key()
+    token = mint(stranger, subject="alice", ttl_seconds=60, now=NOW)
+    assert token_id_of(token) == verify(token, stranger.public_key(), now=NOW).token_id
+    assert token_id_of(f"  {token}\n") == token_id_of(token)
+    assert unverified_subject(token) == "alice"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "garbage",
+        "a.b.c",
+        "x" * (MAX_TOKEN_LENGTH + 1),
+        signed({"alg": "EdDSA"}, [1, 2]),
+        signed({"alg": "EdDSA"}, {"sub": "no id"}),
+        signed({"alg": "EdDSA"}, {"jti": 7}),
+    ],
+)
+def test_token_id_of_garbage(token: str) -> None:
+    with pytest.raises(InvalidError):
+        token_id_of(token)
+
+
+def test_unverified_subject_stays_on_one_line() -> None:
+    token = signed({"alg": "EdDSA"}, good_claims(sub="evil\nrevoked-id\u2028x\x1b[31m" + "y" * 200))
+    subject = unverified_subject(token)
+    assert subject is not None
+    assert subject.isprintable()
+    assert subject.startswith("evil?revoked-id?x?[31m")
+    assert len(subject) <= 64
+
+
+def test_append_revocation(tmp_path: Path) -> None:
+    path = tmp_path / "revoked.txt"
+    assert append_revocation(path, "abc", "subject alice")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert path.read_text() == "abc  # subject alice\n"
+    assert not append_revocation(path, "abc")  # already there: not listed twice
+    path.write_text(path.read_text() + "# a note without a newline")
+    assert append_revocation(path, "def", "line\nbreak")
+    assert path.read_text().splitlines() == [
+        "abc  # subject alice",
+        "# a note without a newline",
+        "def  # line?break",
+    ]
+    assert parse_revocation_list(path.read_text()) == {"abc", "def"}
+
+
+def test_append_revocation_keeps_the_mode_of_an_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "revoked.txt"
+    path.write_text("")
+    path.chmod(0o600)
+    assert append_revocation(path, "abc")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("token_id", ["", "a b", "a#b", "a\nb", "a\u2028b"])
+def test_append_revocation_refuses_what_cannot_be_a_line(tmp_path: Path, token_id: str) -> None:
+    with pytest.raises(InvalidError):
+        append_revocation(tmp_path / "revoked.txt", token_id)
+    assert not (tmp_path / "revoked.txt").exists()
+
+
+def test_append_revocation_into_a_missing_directory(tmp_path: Path) -> None:
+    path = tmp_path / "nope" / "revoked.txt"
+    with pytest.raises(InvalidError, match=str(path)):
+        append_revocation(path, "abc")

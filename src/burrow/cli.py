@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from burrow import names, tokens
 from burrow.exception import Error
 from burrow.limits import raise_open_file_limit
 from burrow.relay import dev
-from burrow.relay.config import HANDSHAKE_TIMEOUT, RelayConfig
+from burrow.relay.config import DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, RelayConfig
 from burrow.relay.server import LISTEN_BACKLOG, Relay
 from burrow.relay.workers import Worker, bind_listeners, run_workers
 
@@ -63,15 +64,25 @@ def _run_async(main: Callable[[], Any]) -> None:
 
 
 async def _serve(relay: Relay, on_started: Callable[[], None] | None = None) -> None:
-    """Run until SIGINT or SIGTERM, then close the relay."""
-    stop = asyncio.Event()
+    """Run until a signal: SIGTERM drains connections in flight first, SIGINT does not."""
     loop = asyncio.get_running_loop()
+    stop: asyncio.Future[signal.Signals] = loop.create_future()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.done():
+            stop.set_result(sig)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     if on_started is not None:
         on_started()
-    await stop.wait()
-    await relay.close()
+    if await stop == signal.SIGTERM:
+        logging.getLogger("burrow.relay").info(
+            "SIGTERM: draining for up to %gs", relay.config.drain_timeout
+        )
+        await relay.drain()
+    else:
+        await relay.close()
 
 
 def _parse_range(text: str) -> tuple[int, int]:
@@ -99,6 +110,20 @@ _log_level_option = click.option(
     default="info",
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
+)
+_heartbeat_option = click.option(
+    "--heartbeat",
+    type=click.IntRange(1, 3600),
+    default=HEARTBEAT_INTERVAL,
+    show_default=True,
+    help="Seconds between heartbeats; a session silent for three is dead (half-open).",
+)
+_drain_option = click.option(
+    "--drain-timeout",
+    type=click.FloatRange(0, 3600),
+    default=DRAIN_TIMEOUT,
+    show_default=True,
+    help="Seconds connections in flight may go on after SIGTERM.",
 )
 _workers_option = click.option(
     "--workers",
@@ -143,6 +168,14 @@ def main() -> None:
     help="Public key that agent tokens are signed with (burrow token keygen).",
 )
 @click.option(
+    "--revoked-tokens",
+    type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="File of revoked token ids, one a line (burrow token revoke); re-read when it "
+    "changes, and the sessions of a newly revoked token end.",
+)
+@click.option(
     "--listen",
     multiple=True,
     default=["0.0.0.0:443", "[::]:443"],
@@ -173,6 +206,8 @@ def main() -> None:
     show_default=True,
     help="Seconds a TLS handshake may take.",
 )
+@_heartbeat_option
+@_drain_option
 @_workers_option
 @_log_level_option
 def relay(
@@ -180,12 +215,15 @@ def relay(
     cert: Path,
     key: Path,
     token_key: Path,
+    revoked_tokens: Path | None,
     listen: tuple[str, ...],
     public_port: int | None,
     tcp_ports: tuple[int, int],
     tcp_host: str | None,
     plain_data_listen: str | None,
     handshake_timeout: float,
+    heartbeat: int,
+    drain_timeout: float,
     workers: int,
     log_level: str,
 ) -> None:
@@ -198,6 +236,7 @@ def relay(
             cert=cert,
             key=key,
             public_key=token_key,
+            revoked_tokens=revoked_tokens,
             listen=tuple(names.parse_address(item, 443) for item in listen),
             public_port=public_port,
             tcp_ports=tcp_ports,
@@ -206,6 +245,8 @@ def relay(
                 names.parse_address(plain_data_listen, 0) if plain_data_listen else None
             ),
             handshake_timeout=handshake_timeout,
+            heartbeat=heartbeat,
+            drain_timeout=drain_timeout,
         )
 
         if workers == 1:
@@ -276,6 +317,8 @@ def _run_workers(
     is_flag=True,
     help="Let agents use plaintext data connections on loopback (faster; same host only).",
 )
+@_heartbeat_option
+@_drain_option
 @_workers_option
 @_log_level_option
 def dev_command(
@@ -284,6 +327,8 @@ def dev_command(
     state_dir: Path | None,
     tcp_ports: tuple[int, int],
     plain_data: bool,
+    heartbeat: int,
+    drain_timeout: float,
     workers: int,
     log_level: str,
 ) -> None:
@@ -293,6 +338,12 @@ def dev_command(
     state = state_dir or dev.default_state_dir()
     try:
         prepared = dev.prepare(state, port, tcp_ports, plain_data=plain_data)
+        prepared = dataclasses.replace(
+            prepared,
+            config=dataclasses.replace(
+                prepared.config, heartbeat=heartbeat, drain_timeout=drain_timeout
+            ),
+        )
     except (Error, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -371,12 +422,21 @@ async def _start_dev_relay(config: RelayConfig) -> Relay:
 @click.argument("port", type=int)
 @click.option("--tcp", is_flag=True, help="Also publish a raw TCP port (unencrypted).")
 @click.option("--h2", is_flag=True, help="Offer HTTP/2 to visitors (the local server speaks h2c).")
-def forward_command(port: int, tcp: bool, h2: bool) -> None:
+@click.option(
+    "--allow",
+    multiple=True,
+    metavar="CIDR",
+    help="Let only visitors from this network in (10.0.0.0/8, 2001:db8::/32); repeat "
+    "for several. Default: everyone.",
+)
+def forward_command(port: int, tcp: bool, h2: bool, allow: tuple[str, ...]) -> None:
     """Publish a local PORT until Ctrl-C; prints its URL (and TCP socket)."""
     import burrow
 
     try:
-        with burrow.forward(port, unencrypted=tcp, h2_enabled=h2) as tunnel:
+        with burrow.forward(
+            port, unencrypted=tcp, h2_enabled=h2, inbound_cidr_allowlist=list(allow) or None
+        ) as tunnel:
             click.echo(tunnel.url)
             if tcp:
                 host, tcp_port = tunnel.tcp_socket
@@ -444,6 +504,45 @@ def token_mint(key: Path, subject: str, ttl: str, max_tunnels: int | None) -> No
         )
     except Error as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@token.command("revoke")
+@click.option(
+    "--list",
+    "list_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The revocation file relays read (--revoked-tokens); created if missing.",
+)
+@click.argument("token_or_id")
+def token_revoke(list_file: Path, token_or_id: str) -> None:
+    """Revoke a token: add its id to a revocation list. TOKEN_OR_ID is a whole token or its id.
+
+    Relays that read the list refuse the token from then on and end its live
+    sessions within seconds. No key is needed: a token's id is not secret.
+    """
+    value = token_or_id.strip()
+    try:
+        if "." in value:
+            token_id = tokens.token_id_of(value)
+            note = _revocation_note(value)
+        else:
+            token_id, note = value, ""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        note = f"{note}, revoked {stamp}" if note else f"revoked {stamp}"
+        added = tokens.append_revocation(list_file, token_id, note)
+    except Error as exc:
+        raise click.ClickException(str(exc)) from exc
+    if added:
+        click.echo(f"revoked token {token_id} in {list_file}")
+    else:
+        click.echo(f"token {token_id} was already revoked in {list_file}")
+
+
+def _revocation_note(token: str) -> str:
+    """``subject <name>`` from an unverified token, for the comment beside its id."""
+    subject = tokens.unverified_subject(token)
+    return f"subject {subject}" if subject else ""
 
 
 @token.command("verify")

@@ -39,6 +39,7 @@ CODE_TCP_EXHAUSTED: Final = "tcp-exhausted"
 CODE_LIMIT: Final = "limit"
 CODE_BAD_ATTACH: Final = "bad-attach"
 CODE_SHUTTING_DOWN: Final = "shutting-down"
+CODE_CLAIM: Final = "claim"
 
 
 class _Message:

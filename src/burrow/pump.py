@@ -35,7 +35,7 @@ class Splice:
     ) -> None:
         self.a = a
         self.b = b
-        self._on_done = on_done
+        self._on_done: list[Callable[[Splice], None]] = [on_done] if on_done else []
         self._ended: set[int] = set()  # ids of streams whose incoming direction ended
         self.done = False
         self.bytes_a_to_b = 0
@@ -93,6 +93,17 @@ class Splice:
         """End the splice from outside (its tunnel was closed)."""
         self._finish(abort=True)
 
+    def add_done_callback(self, callback: Callable[[Splice], None]) -> None:
+        """Call ``callback(splice)`` when both directions have ended (now, if they have)."""
+        if self.done:
+            callback(self)
+        else:
+            self._on_done.append(callback)
+
+    def _report(self) -> None:
+        for callback in self._on_done:
+            callback(self)
+
     def _finish(self, *, abort: bool) -> None:
         if self.done:
             return
@@ -102,8 +113,7 @@ class Splice:
                 stream.abort()
             else:
                 stream.close()
-        if self._on_done is not None:
-            self._on_done(self)
+        self._report()
 
 
 # Bytes a splice pipe holds: enough to move a large chunk per system call
@@ -371,8 +381,7 @@ class KernelSplice(Splice):
         if self.done:
             return
         self.done = True
-        if self._on_done is not None:
-            self._on_done(self)
+        self._report()
 
     def _finish(self, *, abort: bool) -> None:
         """End from the event loop (the tunnel closed): reset both sides."""

@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Container
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +50,10 @@ DEFAULT_LEEWAY_SECONDS = 30
 # 12 random bytes: enough that two token ids never collide, short in logs.
 TOKEN_ID_BYTES = 12
 
+# A token's subject shown beside its id in a revocation list: enough to
+# recognise it, short enough to keep the list one readable line per token.
+MAX_NOTE_LENGTH = 64
+
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION_RE = re.compile(r"([0-9]{1,10})([smhdw])")
 _NEVER = "never"
@@ -56,7 +61,7 @@ _NEVER = "never"
 # PyJWT only ever sees ASCII of the right shape.
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
-TokenErrorReason = Literal["malformed", "bad-signature", "expired", "not-yet-valid"]
+TokenErrorReason = Literal["malformed", "bad-signature", "expired", "not-yet-valid", "revoked"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class TokenClaims:
     """Who the token was minted for (a user, a team, a CI job); shown in relay logs."""
 
     token_id: str
-    """Random id unique to this token (the JWT ``jti``), for logs and future revocation."""
+    """Random id unique to this token (the JWT ``jti``), for logs and revocation."""
 
     issued_at: int
     """When the token was minted, in seconds since the Unix epoch."""
@@ -269,16 +274,22 @@ def verify(
     *,
     now: float | None = None,
     leeway_seconds: int = DEFAULT_LEEWAY_SECONDS,
+    revoked: Container[str] = frozenset(),
 ) -> TokenClaims:
     """The claims of ``token`` if ``public_key`` signed it and it is valid at ``now``.
 
-    Raises TokenError for every way a token can be bad, whatever the input.
+    A token whose id is in ``revoked`` is refused too. Raises TokenError for
+    every way a token can be bad, whatever the input.
     """
     if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
         raise TokenError("malformed", "token is malformed: not a string of a sane length")
     if _TOKEN_RE.fullmatch(token) is None:
         raise TokenError("malformed", "token is malformed: not three base64url segments")
     claims = _claims(_decode(token, public_key))
+    # After the signature: only a token we issued can be "revoked"; a forgery
+    # that copies a revoked id is still just a forgery.
+    if claims.token_id in revoked:
+        raise TokenError("revoked", f"token {claims.token_id} was revoked")
     current = time.time() if now is None else now
     if claims.issued_at > current + leeway_seconds:
         raise TokenError(
@@ -307,3 +318,91 @@ def parse_duration(text: str) -> int | None:
             "use 'never' for a token that does not expire"
         )
     return seconds
+
+
+# Revocation: a text file of token ids that relays refuse
+
+
+def _unverified_payload(token: str) -> dict[str, Any]:
+    token = token.strip()
+    if len(token) > MAX_TOKEN_LENGTH or _TOKEN_RE.fullmatch(token) is None:
+        raise InvalidError("not a burrow token: expected three base64url segments")
+    try:
+        payload = jwt.decode(token, options={"verify_signature": False})
+    except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+        raise InvalidError("not a burrow token: its payload cannot be read") from None
+    if not isinstance(payload, dict):
+        raise InvalidError("not a burrow token: its payload is not a JSON object")
+    return payload
+
+
+def token_id_of(token: str) -> str:
+    """The id (``jti``) of ``token``, read without checking its signature.
+
+    For revoking: whoever holds a token may revoke it, and the id is all a
+    relay compares, so no key is needed.
+    """
+    token_id = _unverified_payload(token).get("jti")
+    if not isinstance(token_id, str) or not token_id:
+        raise InvalidError("the token has no id ('jti'), so it cannot be revoked")
+    return token_id
+
+
+def unverified_subject(token: str) -> str | None:
+    """The subject of ``token``, unverified and made safe to print on one line."""
+    subject = _unverified_payload(token).get("sub")
+    if not isinstance(subject, str):
+        return None
+    # Anyone can write a token's payload: no line breaks or control characters
+    # may reach a file or a terminal.
+    return "".join(c if c.isprintable() else "?" for c in subject)[:MAX_NOTE_LENGTH]
+
+
+def parse_revocation_list(text: str) -> frozenset[str]:
+    """The token ids in a revocation list: one a line; ``#`` starts a comment."""
+    ids = set()
+    for line in text.splitlines():
+        token_id = line.partition("#")[0].strip()
+        if token_id:
+            ids.add(token_id)
+    return frozenset(ids)
+
+
+def _check_listable(token_id: str) -> None:
+    if not token_id or any(c.isspace() or c == "#" for c in token_id):
+        raise InvalidError(
+            f"{token_id!r} is not a token id: a revocation list holds ids without "
+            "spaces or '#', one a line"
+        )
+
+
+def append_revocation(path: Path, token_id: str, note: str = "") -> bool:
+    """Add ``token_id`` to the revocation list at ``path`` (made 0644 if new).
+
+    False if it was already listed. ``note`` goes in a comment on the same line.
+    """
+    _check_listable(token_id)
+    try:
+        existing = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        existing = ""
+    except OSError as exc:
+        raise InvalidError(f"cannot read revocation list {path}: {exc.strerror}") from exc
+    if token_id in parse_revocation_list(existing):
+        return False
+    note = "".join(c if c.isprintable() else "?" for c in note)  # one line, always
+    line = f"{token_id}  # {note}\n" if note else f"{token_id}\n"
+    if existing and not existing.endswith("\n"):
+        line = "\n" + line
+    try:
+        # O_APPEND: a relay reading the file meanwhile sees whole lines or none of ours.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+            os.fchmod(fd, 0o644)  # whatever the umask: the relay's user must read it
+        except FileExistsError:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        with os.fdopen(fd, "a", encoding="utf-8") as file:
+            file.write(line)
+    except OSError as exc:
+        raise InvalidError(f"cannot write revocation list {path}: {exc.strerror}") from exc
+    return True

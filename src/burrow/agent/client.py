@@ -11,12 +11,13 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
+from burrow import allowlist
 from burrow.agent.session import AgentSession, Settings
 from burrow.exception import InvalidError
 from burrow.limits import raise_open_file_limit
@@ -161,6 +162,9 @@ class forward:
     ``forward(port)`` gives an HTTPS address whose TLS the relay ends;
     ``unencrypted=True`` also gives a raw TCP socket; ``h2_enabled=True``
     lets visitors speak HTTP/2 (the local server must then accept h2c).
+    ``inbound_cidr_allowlist`` limits visitors, on both, to those networks
+    (``["203.0.113.0/24", "2001:db8::/32"]``); the relay turns everyone else
+    away before they reach this process. ``[]`` lets no one in.
     """
 
     def __init__(
@@ -169,6 +173,7 @@ class forward:
         *,
         unencrypted: bool = False,
         h2_enabled: bool = False,
+        inbound_cidr_allowlist: Sequence[str] | None = None,
         client: Client | None = None,
     ) -> None:
         self.port = _check_port(port)
@@ -176,6 +181,13 @@ class forward:
             raise InvalidError("H2 can only be used with encrypted ports")
         self.unencrypted = unencrypted
         self.h2_enabled = h2_enabled
+        self.allow: str | None = None
+        if inbound_cidr_allowlist is not None:
+            try:
+                networks = allowlist.parse(inbound_cidr_allowlist)
+            except InvalidError as exc:
+                raise InvalidError(f"inbound_cidr_allowlist: {exc}") from None
+            self.allow = allowlist.to_wire(networks)
         self.settings = (client or Client()).settings()
         self._tunnel: Tunnel | None = None
         self._session: AgentSession | None = None
@@ -187,7 +199,9 @@ class forward:
         runtime.forwarded_ports.add(self.port)
         try:
             session = await runtime.session(self.settings)
-            tunnel = await session.open_tunnel(self.port, tcp=self.unencrypted, h2=self.h2_enabled)
+            tunnel = await session.open_tunnel(
+                self.port, tcp=self.unencrypted, h2=self.h2_enabled, allow=self.allow
+            )
         except BaseException:
             runtime.forwarded_ports.discard(self.port)
             raise

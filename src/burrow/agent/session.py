@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import ssl
 import time
 from collections.abc import Callable
@@ -46,6 +47,18 @@ CONNECT_TIMEOUT: Final = 10.0
 # guards against a relay that has stopped answering.
 REPLY_TIMEOUT: Final = 30.0
 
+# After a lost session the agent reconnects, waiting first about this long,
+# then twice as long each time up to the cap: a restarted relay is found
+# within about a second of being back. Jitter (±this fraction) keeps a
+# fleet of agents from knocking all at once.
+RECONNECT_FIRST_DELAY: Final = 0.1
+RECONNECT_MAX_DELAY: Final = 1.0
+RECONNECT_JITTER: Final = 0.25
+# A relay still down after this many seconds is probably down for a while:
+# from then on, try only this often, to spare it a crowd when it comes back.
+RECONNECT_PATIENCE: Final = 60.0
+RECONNECT_SLOW_DELAY: Final = 10.0
+
 # The addresses a tunnel's local port is tried at, in order; both are this
 # machine, so a bind frame can never lead anywhere else.
 LOCAL_HOSTS: Final = ("127.0.0.1", "::1")
@@ -79,6 +92,11 @@ class AgentTunnel:
     id: int
     local_port: int
     tunnel: Tunnel
+    tcp: bool = False
+    h2: bool = False
+    allow: str | None = None
+    claim: str | None = None
+    """The relay's proof that this tunnel's names are ours, to get them back after a loss."""
     splices: set[Splice] = field(default_factory=set)
 
 
@@ -97,6 +115,8 @@ class AgentSession:
         self._welcome: protocol.Welcome | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
+        self._fatal: BaseException | None = None
+        self.reconnects = 0
         self.closed = False
 
     @classmethod
@@ -173,8 +193,8 @@ class AgentSession:
         )
         return stream
 
-    async def _handshake(self) -> None:
-        stream = await self._dial(self._context)
+    async def _handshake(self, server_name: str | None = None) -> None:
+        stream = await self._dial(self._context, server_name)
         channel = Channel(stream, protocol.Connection(protocol.Kind.CONTROL, protocol.Role.AGENT))
         channel.send(
             protocol.Hello(
@@ -204,6 +224,11 @@ class AgentSession:
         for _ in range(reply.pool):
             self._spawn(self._serve_data_connection())
         log.info("session %s with relay %s", reply.session, self.settings.relay)
+
+    @property
+    def session_id(self) -> str | None:
+        """The relay's id of the current session (it changes when the agent reconnects)."""
+        return self._welcome.session if self._welcome is not None else None
 
     def _spawn(self, coro: object) -> None:
         assert asyncio.iscoroutine(coro)
@@ -236,9 +261,86 @@ class AgentSession:
                 self._handle(message)
         except (RemoteProtocolError, ConnectionError) as exc:
             reason = ConnectionError(f"session with {self.settings.relay} lost: {exc}")
-            log.warning("%s", reason)
         finally:
-            self._end(reason)
+            if self.closed or self._fatal is not None or self._channel is not channel:
+                self._end(self._fatal or reason)
+            else:
+                self._lost(reason)
+
+    # -- reconnecting: the code inside forward() never notices -----------------
+
+    def _lost(self, reason: BaseException) -> None:
+        """The control connection is gone: keep the tunnels and get a new session."""
+        log.warning("%s; reconnecting", reason)
+        self._channel = None
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(reason)
+        self._pending.clear()
+        self._spawn(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        assert self._welcome is not None
+        # The old session's name sends us to the relay worker that holds our labels.
+        resume = f"{self._welcome.session}.{self._welcome.domain}"
+        delay, started = RECONNECT_FIRST_DELAY, time.monotonic()
+        while not self.closed:
+            jitter = random.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER)
+            await asyncio.sleep(delay * jitter)
+            try:
+                await self._handshake(resume)
+            except (ConnectionError, RelayError) as exc:
+                if isinstance(exc, RelayError) and exc.code != protocol.CODE_SHUTTING_DOWN:
+                    self._end(exc)
+                    return
+                cap = RECONNECT_MAX_DELAY
+                if time.monotonic() - started > RECONNECT_PATIENCE:
+                    cap = RECONNECT_SLOW_DELAY
+                delay = min(delay * 2, cap)
+                log.info("relay %s: %s; trying again in %.1fs", self.settings.relay, exc, delay)
+                continue
+            except AuthError as exc:
+                log.error("relay %s refused the token again: %s", self.settings.relay, exc)
+                self._end(exc)
+                return
+            self.reconnects += 1
+            await self._reopen_tunnels()
+            return
+
+    async def _reopen_tunnels(self) -> None:
+        """Publish every tunnel again under its claimed names."""
+        for agent_tunnel in list(self.tunnels.values()):
+            tunnel = agent_tunnel.tunnel
+            try:
+                reply = await self._request(
+                    agent_tunnel.id,
+                    protocol.Open(
+                        id=agent_tunnel.id,
+                        port=agent_tunnel.local_port,
+                        tcp=agent_tunnel.tcp,
+                        h2=agent_tunnel.h2,
+                        allow=agent_tunnel.allow,
+                        claim=agent_tunnel.claim,
+                    ),
+                )
+            except ConnectionError:
+                return  # this session was lost too: the next reconnect tries again
+            if (
+                isinstance(reply, protocol.Opened)
+                and reply.host == tunnel.host
+                and reply.tcp_port == tunnel.unencrypted_port
+            ):
+                agent_tunnel.claim = reply.claim
+                continue
+            why = reply.message if isinstance(reply, protocol.Error) else "other names"
+            log.error("tunnel %s could not be published again: %s", tunnel.url, why)
+            self.tunnels.pop(agent_tunnel.id, None)
+            for splice in list(agent_tunnel.splices):
+                splice.close()
+            if isinstance(reply, protocol.Opened):
+                with contextlib.suppress(ConnectionError):
+                    await self._request(agent_tunnel.id, protocol.Close(id=agent_tunnel.id))
+        log.info("session with %s resumed: %d tunnels", self.settings.relay, len(self.tunnels))
 
     def _handle(self, message: protocol.Message) -> None:
         match message:
@@ -246,6 +348,8 @@ class AgentSession:
                 self._resolve(tunnel_id, message)
             case protocol.Error(id=None):
                 log.warning("relay ended the session: %s (%s)", message.message, message.code)
+                if message.code != protocol.CODE_SHUTTING_DOWN:
+                    self._fatal = RelayError(message.code, message.message)
                 if self._channel is not None:
                     self._channel.close()
             case protocol.Error(id=int(tunnel_id)):
@@ -284,12 +388,14 @@ class AgentSession:
 
     # -- tunnels ------------------------------------------------------------
 
-    async def open_tunnel(self, port: int, *, tcp: bool, h2: bool) -> Tunnel:
+    async def open_tunnel(
+        self, port: int, *, tcp: bool, h2: bool, allow: str | None = None
+    ) -> Tunnel:
         """Publish ``port``: one round trip to the relay."""
         tunnel_id = self._next_id
         self._next_id += 1
         reply = await self._request(
-            tunnel_id, protocol.Open(id=tunnel_id, port=port, tcp=tcp, h2=h2)
+            tunnel_id, protocol.Open(id=tunnel_id, port=port, tcp=tcp, h2=h2, allow=allow)
         )
         if isinstance(reply, protocol.Error):
             raise RelayError(reply.code, f"the relay refused to open a tunnel: {reply.message}")
@@ -300,7 +406,15 @@ class AgentSession:
             unencrypted_host=reply.tcp_host,
             unencrypted_port=reply.tcp_port,
         )
-        self.tunnels[tunnel_id] = AgentTunnel(id=tunnel_id, local_port=port, tunnel=tunnel)
+        self.tunnels[tunnel_id] = AgentTunnel(
+            id=tunnel_id,
+            local_port=port,
+            tunnel=tunnel,
+            tcp=tcp,
+            h2=h2,
+            allow=allow,
+            claim=reply.claim,
+        )
         return tunnel
 
     async def close_tunnel(self, tunnel: Tunnel) -> None:

@@ -14,6 +14,11 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 # end the session (see protocol.Heartbeat).
 HEARTBEAT_INTERVAL: Final = 10
 
+# On SIGTERM the relay lets connections in flight finish for this long
+# before closing them: long enough for a page or an API call, short enough
+# for a deploy or a process manager's stop timeout (often 30-90 s).
+DRAIN_TIMEOUT: Final = 20.0
+
 # Idle data connections an agent keeps ready per session. Four covers a
 # browser opening its usual burst of connections without a dial round trip.
 POOL_SIZE: Final = 4
@@ -61,13 +66,20 @@ class RelayConfig:
     """Seconds a TLS handshake may take before the socket is closed."""
 
     heartbeat: int = HEARTBEAT_INTERVAL
-    """Seconds between heartbeats on control connections."""
+    """Seconds between heartbeats on control connections; three missed end a session."""
+
+    drain_timeout: float = DRAIN_TIMEOUT
+    """Seconds that connections in flight may go on after SIGTERM."""
 
     pool_size: int = POOL_SIZE
     """Idle data connections each agent keeps open."""
 
     max_tunnels_per_session: int = MAX_TUNNELS_PER_SESSION
     """Tunnels one agent session may hold at once."""
+
+    revoked_tokens: Path | None = None
+    """Text file of revoked token ids (the JWT ``jti``), one a line, ``#`` comments;
+    re-read when it changes, and the sessions of a newly revoked token end."""
 
     extra: dict[str, str] = field(default_factory=dict)
     """Free-form labels shown in logs."""

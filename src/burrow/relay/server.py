@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 import random
@@ -17,12 +18,13 @@ import socket
 import ssl
 from typing import Final
 
-from burrow import names, protocol, tls, tokens
+from burrow import allowlist, names, protocol, tls, tokens
 from burrow.channel import Channel
 from burrow.exception import ConnectionError, LocalProtocolError, RemoteProtocolError
 from burrow.hello import ClientHello
-from burrow.pump import join
+from burrow.pump import Splice, join
 from burrow.relay.config import POOL_WAIT_SECONDS, RelayConfig
+from burrow.relay.revocation import REVOCATION_CHECK_SECONDS, RevocationList
 from burrow.relay.session import RelayTunnel, Session
 from burrow.relay.workers import Worker
 from burrow.stream import Stream, TlsStream
@@ -44,8 +46,19 @@ NOT_FOUND_REPLY: Final = (
     + _NOT_FOUND_BODY
 )
 
+# The answer to a visitor whose address the tunnel's allowlist leaves out.
+_FORBIDDEN_BODY: Final = b"burrow: this tunnel does not accept visitors from your address\n"
+FORBIDDEN_REPLY: Final = (
+    b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\nconnection: close\r\n"
+    + f"content-length: {len(_FORBIDDEN_BODY)}\r\n\r\n".encode()
+    + _FORBIDDEN_BODY
+)
+
 # The first frame (hello or attach) must come soon after the handshake.
 FIRST_FRAME_TIMEOUT: Final = 10.0
+
+# Hex digits of HMAC-SHA256 in a claim: 128 bits, beyond guessing.
+CLAIM_MAC_HEX: Final = 32
 
 # Attempts at binding a random port of the TCP range before giving up; the
 # range is usually mostly free, so a few tries find one.
@@ -72,6 +85,7 @@ class Relay:
         self.worker = worker
         self.domain = names.normalize_domain(config.domain)
         self.public_key = tokens.read_public_key(config.public_key)
+        self.revoked = RevocationList(config.revoked_tokens) if config.revoked_tokens else None
         self.sessions: dict[str, Session] = {}
         self.routes: dict[str, RelayTunnel] = {}
         self.shutting_down = False
@@ -87,6 +101,9 @@ class Relay:
         self._visitor_context = tls.server_context(config.cert, config.key, ALPN_VISITOR)
         self._visitor_h2_context = tls.server_context(config.cert, config.key, ALPN_VISITOR_H2)
         self._agent_context.sni_callback = self._pick_context
+        # Claims are signed with a key derived from the relay's TLS key, which a
+        # restarted relay (and every worker) has: no state has to survive a restart.
+        self._claim_key = hmac.new(config.key.read_bytes(), b"burrow claims v1", hashlib.sha256)
 
     @classmethod
     async def start(
@@ -115,6 +132,8 @@ class Relay:
                 )
         if not self.public_port:
             self.public_port = self.bound_port
+        if self.revoked is not None:
+            self._spawn(self._watch_revoked_tokens())
         if self.worker is not None:
             loop.add_reader(self.worker.inbox.fileno(), self._adopt_handed_off)
         if self.config.plain_data_listen is not None:
@@ -173,11 +192,73 @@ class Relay:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
 
+    async def drain(self) -> None:
+        """Shut down gently: no new agents, tunnels or visitors; agents are told to
+        reconnect; connections in flight may finish for ``config.drain_timeout``
+        seconds; then close."""
+        self.shutting_down = True
+        for server in self._servers:
+            server.close()
+        in_flight: set[Splice] = set()
+        for session in list(self.sessions.values()):
+            for tunnel in session.tunnels.values():
+                in_flight |= {splice for splice in tunnel.splices if not splice.done}
+            session.leave("the relay is shutting down: reconnect")
+        log.info("draining %d connections", len(in_flight))
+        all_ended = asyncio.Event()
+        left = set(in_flight)
+
+        def ended(splice: Splice) -> None:
+            left.discard(splice)
+            if not left:
+                all_ended.set()
+
+        for splice in in_flight:
+            splice.add_done_callback(ended)
+        if in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_ended.wait(), self.config.drain_timeout)
+        if left:
+            log.warning("closing %d connections still open after the drain", len(left))
+        for splice in list(left):
+            splice.close()
+        await self.close()
+
     def _spawn(self, coro: object) -> None:
         assert asyncio.iscoroutine(coro)
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # -- revoked tokens -------------------------------------------------------
+
+    async def _watch_revoked_tokens(self) -> None:
+        while True:
+            await asyncio.sleep(REVOCATION_CHECK_SECONDS)
+            self.check_revoked_tokens()
+
+    def check_revoked_tokens(self) -> None:
+        """Re-read the revoked-tokens file if it changed; end newly revoked tokens' sessions."""
+        if self.revoked is None:
+            return
+        newly_revoked = self.revoked.refresh()
+        if not newly_revoked:
+            return
+        for session in list(self.sessions.values()):
+            token_id = session.claims.token_id
+            if token_id not in newly_revoked:
+                continue
+            log.warning(
+                "session %s for %s ended: token %s was revoked",
+                session.id,
+                session.claims.subject,
+                token_id,
+            )
+            with contextlib.suppress(LocalProtocolError):
+                session.channel.send(
+                    protocol.Error(code=protocol.CODE_AUTH, message=f"token {token_id} was revoked")
+                )
+            session.close()
 
     # -- the public port: TLS and who is calling ---------------------------
 
@@ -250,11 +331,12 @@ class Relay:
         label = names.label_of(name, self.domain)
         if label is None:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-        if label in self.sessions:
-            return None  # a data connection names its session, for the workers' routing
         tunnel = self.routes.get(label)
-        h2 = tunnel is not None and tunnel.h2
-        ssl_object.context = self._visitor_h2_context if h2 else self._visitor_context
+        if tunnel is None:
+            # Not a tunnel: an agent naming its session so that the relay's workers
+            # can route it (see _on_handshake), or a visitor who will get a 404.
+            return None
+        ssl_object.context = self._visitor_h2_context if tunnel.h2 else self._visitor_context
         return None
 
     def _on_handshake(self, stream: TlsStream, exc: BaseException | None) -> None:
@@ -263,27 +345,29 @@ class Relay:
             return
         stream.pause_reading()
         name = stream.server_name
-        if name == self.domain:
-            alpn = stream.alpn
-            if alpn == protocol.ALPN_CONTROL:
-                self._spawn(self._serve_control(stream))
-            elif alpn == protocol.ALPN_DATA:
-                self._spawn(self._serve_data(stream))
-            else:
-                stream.resume_reading()
-                stream.write(NOT_FOUND_REPLY)
-                stream.close()
-            return
-        label = names.label_of(name, self.domain) if name else None
-        if label in self.sessions and stream.alpn == protocol.ALPN_DATA:
-            self._spawn(self._serve_data(stream))
-            return
+        label = names.label_of(name, self.domain) if name and name != self.domain else None
         tunnel = self.routes.get(label) if label else None
-        if tunnel is None:
+        if tunnel is not None:
+            if self._refused_by_allowlist(tunnel, stream):
+                stream.resume_reading()
+                if stream.alpn != "h2":  # an HTTP/1.1 answer would be garbage to h2
+                    stream.write(FORBIDDEN_REPLY)
+                stream.close()
+                return
+            self._spawn(self.serve_visitor(tunnel, stream))
+            return
+        # Agents use the relay's own name, or `<session>.<domain>` so that the
+        # relay's workers route them; the burrow ALPN ids say which connection it is
+        # (only the agent context offers them, never a tunnel's).
+        alpn = stream.alpn
+        if alpn == protocol.ALPN_CONTROL:
+            self._spawn(self._serve_control(stream))
+        elif alpn == protocol.ALPN_DATA:
+            self._spawn(self._serve_data(stream))
+        else:
+            stream.resume_reading()
             stream.write(NOT_FOUND_REPLY)
             stream.close()
-            return
-        self._spawn(self.serve_visitor(tunnel, stream))
 
     # -- agents ---------------------------------------------------------------
 
@@ -321,8 +405,11 @@ class Relay:
                 f"{protocol.PROTOCOL_VERSION}, not {hello.version}",
             )
             return
+        self.check_revoked_tokens()  # a token revoked a moment ago is refused at once
         try:
-            claims = tokens.verify(hello.token, self.public_key)
+            claims = tokens.verify(
+                hello.token, self.public_key, revoked=self.revoked or frozenset()
+            )
         except tokens.TokenError as exc:
             refuse(protocol.CODE_AUTH, str(exc))
             return
@@ -394,8 +481,46 @@ class Relay:
 
     # -- tunnels --------------------------------------------------------------
 
-    def new_tunnel(self, session: Session, message: protocol.Open) -> RelayTunnel:
-        label = self.new_name()
+    # -- claims: a reconnecting agent gets its names back ---------------------
+
+    def claim_for(self, tunnel: RelayTunnel) -> str:
+        """The proof, for the tunnel's token only, that its label and TCP port are its own."""
+        body = f"{tunnel.label}.{tunnel.tcp_port or 0}"
+        return f"{body}.{self._claim_mac(body, tunnel.session.claims.token_id)}"
+
+    def check_claim(self, claim: str, token_id: str) -> tuple[str, int | None] | None:
+        """(label, TCP port) that ``claim`` proves for the token ``token_id``, or None."""
+        parts = claim.split(".")
+        if len(parts) != 3:
+            return None
+        label, port, mac = parts
+        if not names.is_label(label) or not (port.isdigit() and len(port) <= 5):
+            return None
+        if not hmac.compare_digest(mac, self._claim_mac(f"{label}.{port}", token_id)):
+            return None
+        worker = self.worker
+        if worker is not None and names.worker_of(label, worker.count) != worker.index:
+            return None  # the relay now runs another number of workers
+        return label, int(port) or None
+
+    def _claim_mac(self, body: str, token_id: str) -> str:
+        mac = self._claim_key.copy()
+        mac.update(f"{body}.{token_id}".encode())
+        return mac.hexdigest()[:CLAIM_MAC_HEX]
+
+    def new_tunnel(
+        self,
+        session: Session,
+        message: protocol.Open,
+        label: str | None = None,
+        *,
+        allow: tuple[allowlist.Network, ...] | None = None,
+    ) -> RelayTunnel:
+        """Publish a tunnel under a fresh label, or under ``label`` that a claim proved.
+
+        ``allow`` (the parsed ``message.allow``) limits who may visit; None is everyone.
+        """
+        label = label or self.new_name()
         tunnel = RelayTunnel(
             session=session,
             id=message.id,
@@ -403,6 +528,7 @@ class Relay:
             host=f"{label}.{self.domain}",
             h2=message.h2,
             local_port=message.port,
+            allow=allow,
         )
         self.routes[label] = tunnel
         log.info(
@@ -415,14 +541,14 @@ class Relay:
         )
         return tunnel
 
-    async def open_tcp_port(self, tunnel: RelayTunnel) -> None:
-        """Listen on a random free port of the TCP range for this tunnel."""
+    async def open_tcp_port(self, tunnel: RelayTunnel, port: int | None = None) -> None:
+        """Listen for this tunnel on ``port``, or a random free port of the TCP range."""
         low, high = self.config.tcp_ports
         loop = asyncio.get_running_loop()
         hosts = [host for host, _ in self.config.listen]
         last_error: OSError | None = None
-        for _ in range(TCP_PORT_ATTEMPTS):
-            port = random.randint(low, high)
+        for _ in range(1 if port else TCP_PORT_ATTEMPTS):
+            candidate = port or random.randint(low, high)
             servers: list[asyncio.Server] = []
             try:
                 for host in hosts:
@@ -430,7 +556,7 @@ class Relay:
                         await loop.create_server(
                             lambda: self._new_tcp_visitor(tunnel),
                             host,
-                            port,
+                            candidate,
                             backlog=LISTEN_BACKLOG,
                         )
                     )
@@ -439,22 +565,41 @@ class Relay:
                 for server in servers:
                     server.close()
                 continue
-            tunnel.tcp_port = port
+            tunnel.tcp_port = candidate
             tunnel.tcp_servers = servers
             return
+        if port:
+            raise OSError(f"TCP port {port} is not free: {last_error}")
         raise OSError(f"no free port found in the TCP range {low}-{high}: {last_error}")
 
     def _new_tcp_visitor(self, tunnel: RelayTunnel) -> Stream:
         def connected(stream: Stream) -> None:
             if tunnel.closed:
                 stream.abort()
+            elif self._refused_by_allowlist(tunnel, stream):
+                stream.close()
             else:
                 self._spawn(self.serve_visitor(tunnel, stream))
 
         return Stream(on_connected=connected)
 
-    def unpublish(self, tunnel: RelayTunnel) -> None:
-        """Stop routing the tunnel and close its visitors; new visitors are refused at once."""
+    def _refused_by_allowlist(self, tunnel: RelayTunnel, visitor: Stream) -> bool:
+        """Whether the tunnel's allowlist leaves the visitor's address out (logged)."""
+        if tunnel.allow is None:
+            return False
+        peer = visitor.transport.get_extra_info("peername") if visitor.transport else None
+        host = peer[0] if isinstance(peer, tuple) and isinstance(peer[0], str) else ""
+        if allowlist.allows(tunnel.allow, host):
+            return False
+        log.info("visitor %s refused by the allowlist of %s", visitor.peername, tunnel.host)
+        return True
+
+    def unpublish(self, tunnel: RelayTunnel, *, keep_connections: bool = False) -> None:
+        """Stop routing the tunnel: new visitors are refused at once.
+
+        Its visitors in flight are closed too, unless ``keep_connections``
+        (a draining relay lets them finish).
+        """
         if tunnel.closed:
             return
         tunnel.closed = True
@@ -462,8 +607,9 @@ class Relay:
             del self.routes[tunnel.label]
         for server in tunnel.tcp_servers:
             server.close()
-        for splice in list(tunnel.splices):
-            splice.close()
+        if not keep_connections:
+            for splice in list(tunnel.splices):
+                splice.close()
         tunnel.splices.clear()
         tunnel.session.tunnels.pop(tunnel.id, None)
         log.info("tunnel %s closed", tunnel.host)

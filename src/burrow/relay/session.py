@@ -11,9 +11,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from burrow import protocol
+from burrow import allowlist, protocol
 from burrow.channel import Channel
-from burrow.exception import ConnectionError, LocalProtocolError, RemoteProtocolError
+from burrow.exception import (
+    ConnectionError,
+    InvalidError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from burrow.pump import Splice
 from burrow.stream import Chunk, Stream
 from burrow.tokens import TokenClaims
@@ -38,6 +43,8 @@ class RelayTunnel:
     tcp_servers: list[asyncio.Server] = field(default_factory=list)
     splices: set[Splice] = field(default_factory=set)
     closed: bool = False
+    allow: tuple[allowlist.Network, ...] | None = None
+    """The networks visitors may come from; None lets everyone in, () no one."""
 
 
 class _Pooled:
@@ -78,6 +85,7 @@ class Session:
         self._pool: collections.deque[Channel] = collections.deque()
         self._waiters: collections.deque[asyncio.Future[Channel]] = collections.deque()
         self._pooled_receiver = _Pooled(self)
+        self._leaving = False
         self.closed = False
 
     def __repr__(self) -> str:
@@ -157,13 +165,32 @@ class Session:
         if self.relay.shutting_down:
             refuse(protocol.CODE_SHUTTING_DOWN, "the relay is shutting down")
             return
-        tunnel = self.relay.new_tunnel(self, message)
+        try:
+            allow = allowlist.from_wire(message.allow)  # checked again: agents are not trusted
+        except InvalidError as exc:
+            refuse(protocol.CODE_BAD_REQUEST, str(exc))
+            return
+        claimed: tuple[str, int | None] = (self.relay.new_name(), None)
+        if message.claim is not None:
+            checked = self.relay.check_claim(message.claim, self.claims.token_id)
+            if checked is None:
+                refuse(protocol.CODE_CLAIM, "the claim is not valid for this token on this relay")
+                return
+            claimed = checked
+            held = self.relay.routes.get(claimed[0])
+            if held is not None:
+                # Only the same token can sign the claim: its old session (lost,
+                # and not yet timed out) lets the name go to the new one.
+                log.info("session %s takes %s back from %s", self.id, held.host, held.session.id)
+                self.relay.unpublish(held)
+        tunnel = self.relay.new_tunnel(self, message, claimed[0], allow=allow)
         if message.tcp:
             try:
-                await self.relay.open_tcp_port(tunnel)
+                await self.relay.open_tcp_port(tunnel, claimed[1])
             except OSError as exc:
                 self.relay.unpublish(tunnel)
-                refuse(protocol.CODE_TCP_EXHAUSTED, str(exc))
+                code = protocol.CODE_CLAIM if claimed[1] else protocol.CODE_TCP_EXHAUSTED
+                refuse(code, str(exc))
                 return
         if self.closed:
             self.relay.unpublish(tunnel)
@@ -176,6 +203,7 @@ class Session:
                 port=self.relay.public_port,
                 tcp_host=self.relay.tcp_host if tunnel.tcp_port is not None else None,
                 tcp_port=tunnel.tcp_port,
+                claim=self.relay.claim_for(tunnel),
             )
         )
 
@@ -213,12 +241,19 @@ class Session:
         except TimeoutError:
             return None
 
+    def leave(self, reason: str) -> None:
+        """End the session for a draining relay: the agent is told to reconnect,
+        and the visitors in flight keep their connections."""
+        self._leaving = True
+        self._send_quietly(protocol.Error(code=protocol.CODE_SHUTTING_DOWN, message=reason))
+        self.close()
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         for tunnel in list(self.tunnels.values()):
-            self.relay.unpublish(tunnel)
+            self.relay.unpublish(tunnel, keep_connections=self._leaving)
         self.tunnels.clear()
         while self._pool:
             self._pool.popleft().close()
