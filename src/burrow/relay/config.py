@@ -30,6 +30,28 @@ POOL_WAIT_SECONDS: Final = 10.0
 # what one process forwards.
 MAX_TUNNELS_PER_SESSION: Final = 1024
 
+# Tunnels one token may hold at once across all its sessions (a token's own
+# max_tunnels scope can lower it): a leaked or looping CI token cannot fill
+# the relay's route table or TCP range.
+MAX_TUNNELS_PER_TOKEN: Final = 4096
+
+# New tunnels a token may open per second, with bursts: a test suite opening
+# dozens at once is fine; a loop opening thousands a second is not. Names
+# taken back with a claim after a reconnect do not count.
+TUNNEL_CREATIONS_PER_SECOND: Final = 20.0
+TUNNEL_CREATION_BURST: Final = 200
+
+# Visitors one tunnel may have at once: each costs two sockets here and two at
+# the agent; beyond this a visitor is turned away rather than the relay run
+# out of file descriptors for everyone else.
+MAX_CONNECTIONS_PER_TUNNEL: Final = 10_000
+
+# TLS handshakes not yet finished, across the relay. Each holds a socket and
+# a little memory until HANDSHAKE_TIMEOUT; past this many, the oldest is
+# dropped to make room, so idle sockets opened by an attacker cannot keep
+# visitors and agents out (they are evicted first).
+MAX_PENDING_HANDSHAKES: Final = 20_000
+
 
 @dataclass(frozen=True)
 class RelayConfig:
@@ -76,6 +98,21 @@ class RelayConfig:
 
     max_tunnels_per_session: int = MAX_TUNNELS_PER_SESSION
     """Tunnels one agent session may hold at once."""
+
+    max_tunnels_per_token: int = MAX_TUNNELS_PER_TOKEN
+    """Tunnels one token may hold at once across its sessions."""
+
+    tunnel_creations_per_second: float = TUNNEL_CREATIONS_PER_SECOND
+    """Average rate at which one token may open new tunnels."""
+
+    tunnel_creation_burst: int = TUNNEL_CREATION_BURST
+    """New tunnels one token may open at once before the rate applies."""
+
+    max_connections_per_tunnel: int = MAX_CONNECTIONS_PER_TUNNEL
+    """Visitors one tunnel may have at once."""
+
+    max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
+    """Unfinished TLS handshakes kept; past it the oldest is dropped."""
 
     revoked_tokens: Path | None = None
     """Text file of revoked token ids (the JWT ``jti``), one a line, ``#`` comments;

@@ -24,6 +24,7 @@ from burrow.exception import ConnectionError, LocalProtocolError, RemoteProtocol
 from burrow.hello import ClientHello
 from burrow.pump import Splice, join
 from burrow.relay.config import POOL_WAIT_SECONDS, RelayConfig
+from burrow.relay.quota import TokenQuotas
 from burrow.relay.revocation import REVOCATION_CHECK_SECONDS, RevocationList
 from burrow.relay.session import RelayTunnel, Session
 from burrow.relay.workers import Worker
@@ -101,6 +102,13 @@ class Relay:
         self._visitor_context = tls.server_context(config.cert, config.key, ALPN_VISITOR)
         self._visitor_h2_context = tls.server_context(config.cert, config.key, ALPN_VISITOR_H2)
         self._agent_context.sni_callback = self._pick_context
+        self.quotas = TokenQuotas(
+            config.max_tunnels_per_token,
+            config.tunnel_creations_per_second,
+            config.tunnel_creation_burst,
+        )
+        # Unfinished handshakes, oldest first (dicts keep insertion order).
+        self._handshaking: dict[TlsStream, None] = {}
         # Claims are signed with a key derived from the relay's TLS key, which a
         # restarted relay (and every worker) has: no state has to survive a restart.
         self._claim_key = hmac.new(config.key.read_bytes(), b"burrow claims v1", hashlib.sha256)
@@ -264,7 +272,12 @@ class Relay:
 
     def _new_public_stream(self, prelude: bytes = b"") -> TlsStream:
         routing = self.worker is not None and self.worker.count > 1 and not prelude
-        return TlsStream(
+        while len(self._handshaking) >= self.config.max_pending_handshakes:
+            oldest = next(iter(self._handshaking))
+            del self._handshaking[oldest]
+            log.debug("dropping the oldest unfinished TLS handshake, from %s", oldest.peername)
+            oldest.abort()
+        stream = TlsStream(
             self._agent_context,
             server_side=True,
             on_handshake=self._on_handshake,
@@ -273,6 +286,8 @@ class Relay:
             on_client_hello=self._route if routing else None,
             prelude=prelude,
         )
+        self._handshaking[stream] = None
+        return stream
 
     # -- workers: every name to the process that owns it -----------------------
 
@@ -294,6 +309,7 @@ class Relay:
         owner = names.worker_of(label, worker.count)
         if owner == worker.index or not stream.can_detach():
             return False
+        self._handshaking.pop(stream, None)
         worker.hand_off(owner, stream.hand_off(), prelude)
         return True
 
@@ -340,6 +356,7 @@ class Relay:
         return None
 
     def _on_handshake(self, stream: TlsStream, exc: BaseException | None) -> None:
+        self._handshaking.pop(stream, None)
         if exc is not None:
             log.debug("TLS handshake from %s failed: %s", stream.peername, exc)
             return
@@ -468,7 +485,21 @@ class Relay:
     async def serve_visitor(self, tunnel: RelayTunnel, visitor: Stream) -> None:
         """Join a visitor to the tunnel's agent through a fresh data connection."""
         visitor.pause_reading()
-        data = await tunnel.session.take_data_connection(POOL_WAIT_SECONDS)
+        limit = self.config.max_connections_per_tunnel
+        if len(tunnel.splices) + tunnel.waiting >= limit:
+            log.warning(
+                "tunnel %s: %d visitors already, turning %s away",
+                tunnel.host,
+                limit,
+                visitor.peername,
+            )
+            visitor.abort()
+            return
+        tunnel.waiting += 1
+        try:
+            data = await tunnel.session.take_data_connection(POOL_WAIT_SECONDS)
+        finally:
+            tunnel.waiting -= 1
         if data is None or tunnel.closed or visitor.closed:
             if data is not None:
                 tunnel.session.add_data_connection(data)
@@ -521,6 +552,7 @@ class Relay:
         ``allow`` (the parsed ``message.allow``) limits who may visit; None is everyone.
         """
         label = label or self.new_name()
+        self.quotas.add(session.claims.token_id)
         tunnel = RelayTunnel(
             session=session,
             id=message.id,
@@ -603,6 +635,7 @@ class Relay:
         if tunnel.closed:
             return
         tunnel.closed = True
+        self.quotas.remove(tunnel.session.claims.token_id)
         if self.routes.get(tunnel.label) is tunnel:
             del self.routes[tunnel.label]
         for server in tunnel.tcp_servers:

@@ -42,6 +42,8 @@ class RelayTunnel:
     tcp_port: int | None = None
     tcp_servers: list[asyncio.Server] = field(default_factory=list)
     splices: set[Splice] = field(default_factory=set)
+    waiting: int = 0
+    """Visitors waiting for a data connection."""
     closed: bool = False
     allow: tuple[allowlist.Network, ...] | None = None
     """The networks visitors may come from; None lets everyone in, () no one."""
@@ -156,11 +158,26 @@ class Session:
         if message.id in self.tunnels:
             refuse(protocol.CODE_BAD_REQUEST, f"tunnel id {message.id} is already in use")
             return
-        limit = self.relay.config.max_tunnels_per_session
+        config = self.relay.config
+        if len(self.tunnels) >= config.max_tunnels_per_session:
+            refuse(
+                protocol.CODE_LIMIT,
+                f"this session may hold at most {config.max_tunnels_per_session} tunnels",
+            )
+            return
+        token = self.claims.token_id
+        limit = config.max_tunnels_per_token
         if self.claims.max_tunnels is not None:
             limit = min(limit, self.claims.max_tunnels)
-        if len(self.tunnels) >= limit:
-            refuse(protocol.CODE_LIMIT, f"this session may hold at most {limit} tunnels")
+        if self.relay.quotas.holds(token) >= limit:
+            refuse(protocol.CODE_LIMIT, f"this token may hold at most {limit} tunnels")
+            return
+        if message.claim is None and not self.relay.quotas.may_create(token, time.monotonic()):
+            refuse(
+                protocol.CODE_LIMIT,
+                f"this token opens tunnels too fast: at most "
+                f"{config.tunnel_creations_per_second:g} a second",
+            )
             return
         if self.relay.shutting_down:
             refuse(protocol.CODE_SHUTTING_DOWN, "the relay is shutting down")
