@@ -190,8 +190,8 @@ def bad_tls_record(rng: random.Random, hellos: list[bytes]) -> bytes:
             records.append(_record(22, 0x0301, body[pos : pos + size]))
             pos += size
         k = rng.randrange(len(records))
-        records[k] = records[k][:3] + rng.choice(_INTERESTING_LENGTHS).to_bytes(2, "big") + (
-            records[k][5:]
+        records[k] = (
+            records[k][:3] + rng.choice(_INTERESTING_LENGTHS).to_bytes(2, "big") + (records[k][5:])
         )
         return b"".join(records)
     if choice == 3:  # the hello followed by more records: an alert, CCS, app data, junk
@@ -254,16 +254,19 @@ def public_port_inputs(
         elif kind <= 8:
             yield "plain-http", plain_http(rng, visitor_host)
         else:
-            yield "other-protocol", rng.choice(
-                (
-                    b"SSH-2.0-OpenSSH_9.2p1\r\n",
-                    b"\r\n\r\n",
-                    b"\x00" * rng.randint(1, 100),
-                    b"\xff" * rng.randint(1, 100),
-                    _record(21, 0x0303, b"\x02\x28"),  # a fatal alert first
-                    _record(20, 0x0303, b"\x01"),  # change_cipher_spec first
-                    _record(23, 0x0303, rng.randbytes(100)),  # application data first
-                )
+            yield (
+                "other-protocol",
+                rng.choice(
+                    (
+                        b"SSH-2.0-OpenSSH_9.2p1\r\n",
+                        b"\r\n\r\n",
+                        b"\x00" * rng.randint(1, 100),
+                        b"\xff" * rng.randint(1, 100),
+                        _record(21, 0x0303, b"\x02\x28"),  # a fatal alert first
+                        _record(20, 0x0303, b"\x01"),  # change_cipher_spec first
+                        _record(23, 0x0303, rng.randbytes(100)),  # application data first
+                    )
+                ),
             )
 
 
@@ -376,8 +379,9 @@ def frame_inputs(rng: random.Random, real: list[bytes]) -> Iterator[tuple[str, b
             whole = frame(json_garbage(rng))
             yield "short-body", whole[: rng.randint(4, max(4, len(whole) - 1))]
         else:  # a frame of the largest allowed size, full of junk
-            yield "max-size-frame", frame(
-                b'{"type":"hello","pad":"' + b"a" * (protocol.MAX_FRAME_SIZE - 26) + b'"}'
+            yield (
+                "max-size-frame",
+                frame(b'{"type":"hello","pad":"' + b"a" * (protocol.MAX_FRAME_SIZE - 26) + b'"}'),
             )
 
 
@@ -444,7 +448,8 @@ def tcp_inputs(rng: random.Random, hellos: list[bytes]) -> Iterator[tuple[str, b
         elif kind == 4:
             yield "tls", rng.choice(hellos)
         else:
-            yield "bytes", rng.choice((b"\x00" * 512, b"\xff" * 512, b"\r\n", b"GET / HTTP/1.1\r\n"))
+            junk = (b"\x00" * 512, b"\xff" * 512, b"\r\n", b"GET / HTTP/1.1\r\n")
+            yield "bytes", rng.choice(junk)
 
 
 # ============================================================================
@@ -609,7 +614,7 @@ class _Peer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and self.ending in ("open", "eof"):
-            self.ending = "reset" if isinstance(exc, ConnectionError) else type(exc).__name__
+            self.ending = "reset" if isinstance(exc, ConnectionError) else repr(exc)
         elif self.ending == "open":
             self.ending = "eof"
         if not self.done.done():
@@ -690,7 +695,7 @@ def judge_frames(tally: Tally, peer: _Peer, sent: bytes, *, data_connection: boo
 
 
 def judge_public(tally: Tally, peer: _Peer, sent: bytes) -> None:
-    """Before TLS: a TLS alert (or handshake records, then close), a 400 for plain text, or a close."""
+    """Before TLS: an alert (or handshake records, then a close), a 400 for plain text, a close."""
     data = bytes(peer.received)
     tally.details[f"ended by {peer.ending}"] += 1
     if sent[:1].isalpha():
@@ -705,7 +710,7 @@ def judge_public(tally: Tally, peer: _Peer, sent: bytes) -> None:
     pos = 0
     alert = False
     while pos < len(data):
-        if len(data) - pos < 5 or data[pos] not in (20, 21, 22) or data[pos + 1] != 3:
+        if len(data) - pos < 5 or data[pos] not in (20, 21, 22, 23) or data[pos + 1] != 3:
             tally.wrong(f"not TLS records: {data[pos : pos + 100]!r}", sent)
             return
         (length,) = struct.unpack_from("!H", data, pos + 3)
@@ -925,7 +930,7 @@ async def _campaign_agent_side(config: dict[str, Any], tally: Tally) -> None:
         frames = parse_frames(bytes(peer.received)) or []
         replies = [f for f in frames if f["type"] not in ("ping", "dial")]
         if not replies or replies[0]["type"] != "welcome":
-            tally.wrong(f"no welcome: {replies[:3]}", sent)
+            tally.wrong(f"no welcome: {replies[:3]}, ended by {peer.ending}", sent)
             return
         for (expected, value), reply in zip(answers, replies[1:], strict=False):
             key_name = "seq" if expected == "pong" else "id"
@@ -1190,8 +1195,10 @@ class Campaign:
     fds_after: int
 
 
-def run_campaign(live: Live, listener: str, tcp_tunnel: Callable[[int], Any] | None = None) -> Campaign:
-    """Run one listener's campaign in a child process, fetching through the live tunnel meanwhile."""
+def run_campaign(
+    live: Live, listener: str, tcp_tunnel: Callable[[int], Any] | None = None
+) -> Campaign:
+    """Run a listener's campaign in a child process, fetching through the live tunnel meanwhile."""
     relay = live.relay
     config = {
         "listener": listener,
@@ -1202,7 +1209,8 @@ def run_campaign(live: Live, listener: str, tcp_tunnel: Callable[[int], Any] | N
         "visitor_host": live.tunnel.host,
     }
     tests_dir = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     fds_before = settled_fds(live)
     fetches = 0
     with (

@@ -158,7 +158,8 @@ def test_oldest_unfinished_handshakes_make_room_for_new_visitors_and_agents(
     tmp_path: Path,
 ) -> None:
     with (
-        run_relay(tmp_path, max_pending_handshakes=50) as relay,
+        # No handshake timeout to speak of: only eviction can close the idle sockets.
+        run_relay(tmp_path, max_pending_handshakes=50, handshake_timeout=600) as relay,
         http_server(files={"ok": b"served\n"}) as server,
     ):
         idle = _idle_sockets(relay.port, 200)

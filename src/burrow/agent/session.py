@@ -348,7 +348,11 @@ class AgentSession:
                 self._resolve(tunnel_id, message)
             case protocol.Error(id=None):
                 log.warning("relay ended the session: %s (%s)", message.message, message.code)
-                if message.code != protocol.CODE_SHUTTING_DOWN:
+                if message.code == protocol.CODE_AUTH:  # the token was revoked meanwhile
+                    self._fatal = AuthError(
+                        f"the relay at {self.settings.relay} ended the session: {message.message}"
+                    )
+                elif message.code != protocol.CODE_SHUTTING_DOWN:
                     self._fatal = RelayError(message.code, message.message)
                 if self._channel is not None:
                     self._channel.close()
