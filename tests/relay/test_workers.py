@@ -110,6 +110,14 @@ def _curl(url: str, ca: str, count: int) -> list[str]:
     return [line for line in out.stdout.splitlines() if line]
 
 
+def _curl_status(url: str, ca: str) -> int:
+    out = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", ca, url + "/id"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    return int(out.stdout or 0)
+
+
 def _tcp_echo(host: str, port: int, payload: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1" if host.endswith("localhost") else host, port)) as s:
         s.sendall(payload)
@@ -185,6 +193,11 @@ def test_a_worker_that_dies_is_started_again_and_the_others_keep_serving(tmp_pat
 
         # Worker 0's tunnel never noticed.
         tunnel, body = by_owner[0]
+        assert _curl(tunnel.url, ca, 8) == [body] * 8
+        # Worker 1's agent reconnected, was routed to the new worker 1 by its old
+        # session's name, and took its label back.
+        tunnel, body = by_owner[1]
+        _wait_for(lambda: _curl_status(tunnel.url, ca) == 200, "worker 1's tunnel to come back")
         assert _curl(tunnel.url, ca, 8) == [body] * 8
         # A new session works, wherever it lands.
         with (
