@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -263,3 +264,42 @@ def test_a_claim_moves_a_name_to_a_new_session_of_the_same_token_only(tmp_path: 
 
 async def _session_of(relay: RelayHarness, host: str) -> str:
     return relay.relay.routes[host.split(".")[0]].session.id
+
+
+def test_forward_while_the_session_reconnects_waits_for_it(tmp_path: Path) -> None:
+    with (
+        dev_relay(tmp_path) as relay,
+        http_server(files={"id": b"first"}) as first,
+        http_server(files={"id": b"second"}) as second,
+    ):
+        ca = relay.settings["BURROW_CA"]
+        client = relay.client()
+        with burrow.forward(first.port, client=client) as tunnel:
+            assert _get(tunnel.url, ca) == (200, b"first")
+            relay.signal(signal.SIGKILL)
+            relay.wait()
+            _wait_for(lambda: _get(tunnel.url, ca)[0] == 0, "the relay to be gone")
+
+            opened: list[burrow.Tunnel] = []
+            errors: list[BaseException] = []
+            done = threading.Event()
+
+            def forward_meanwhile() -> None:
+                try:
+                    with burrow.forward(second.port, client=client) as later:
+                        opened.append(later)
+                        done.wait(60)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            worker = threading.Thread(target=forward_meanwhile)
+            worker.start()
+            relay.start()  # forward() above waits for the session to come back
+            _wait_for(lambda: opened or errors, "forward() to return")
+            try:
+                assert not errors, errors
+                assert _get(opened[0].url, ca) == (200, b"second")
+                assert _get(tunnel.url, ca) == (200, b"first")
+            finally:
+                done.set()
+                worker.join(30)

@@ -116,6 +116,9 @@ class AgentSession:
         self._tasks: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
         self._fatal: BaseException | None = None
+        # Set while a control connection is up; new requests wait for it while
+        # the session reconnects.
+        self._connected = asyncio.Event()
         self.reconnects = 0
         self.closed = False
 
@@ -220,6 +223,7 @@ class AgentSession:
             raise ConnectionError("the relay closed the connection before welcoming us")
         self._channel = channel
         self._welcome = reply
+        self._connected.set()
         self._reader = asyncio.get_running_loop().create_task(self._read_control())
         for _ in range(reply.pool):
             self._spawn(self._serve_data_connection())
@@ -273,6 +277,7 @@ class AgentSession:
         """The control connection is gone: keep the tunnels and get a new session."""
         log.warning("%s; reconnecting", reason)
         self._channel = None
+        self._connected.clear()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(reason)
@@ -380,6 +385,13 @@ class AgentSession:
             raise ConnectionError(str(exc)) from exc
 
     async def _request(self, tunnel_id: int, message: protocol.Message) -> protocol.Message:
+        if self._channel is None and not self.closed:
+            try:
+                await asyncio.wait_for(self._connected.wait(), REPLY_TIMEOUT)
+            except TimeoutError as exc:
+                raise ConnectionError(
+                    f"the relay at {self.settings.relay} is unreachable; still trying"
+                ) from exc
         future: asyncio.Future[protocol.Message] = asyncio.get_running_loop().create_future()
         self._pending[tunnel_id] = future
         self._send(message)
@@ -515,6 +527,7 @@ class AgentSession:
         if self.closed:
             return
         self.closed = True
+        self._connected.set()  # nothing to wait for any more: requests fail at once
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(reason)
