@@ -58,6 +58,9 @@ RECONNECT_JITTER: Final = 0.25
 # from then on, try only this often, to spare it a crowd when it comes back.
 RECONNECT_PATIENCE: Final = 60.0
 RECONNECT_SLOW_DELAY: Final = 10.0
+# Its own generator: the jitter needs no secrecy, and the program's global
+# random state is the program's.
+_jitter = random.Random()
 
 # The addresses a tunnel's local port is tried at, in order; both are this
 # machine, so a bind frame can never lead anywhere else.
@@ -290,7 +293,7 @@ class AgentSession:
         resume = f"{self._welcome.session}.{self._welcome.domain}"
         delay, started = RECONNECT_FIRST_DELAY, time.monotonic()
         while not self.closed:
-            jitter = random.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER)
+            jitter = _jitter.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER)
             await asyncio.sleep(delay * jitter)
             try:
                 await self._handshake(resume)
