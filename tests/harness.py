@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine, Iterator
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -124,3 +125,14 @@ def run_relay(state_dir: Path, **overrides: Any) -> Iterator[RelayHarness]:
         harness.call(relay.close())
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
+
+
+def wait_until(predicate: Callable[[], object], what: str, seconds: float = 30) -> object:
+    """Poll ``predicate`` until it is true (returning its value); fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

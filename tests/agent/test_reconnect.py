@@ -15,13 +15,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from backends import big_sha256, http_server, tcp_echo_server
-from harness import RelayHarness, run_relay
+from backends import big_sha256, free_port, http_server, tcp_echo_server
+from harness import RelayHarness, run_relay, wait_until
 
 import burrow
 from burrow import protocol
@@ -32,29 +31,13 @@ from burrow.relay import dev
 BURROW = [sys.executable, "-m", "burrow"]
 
 
-def _wait_for(predicate: Callable[[], object], what: str, seconds: float = 30) -> object:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
 
 class DevRelay:
     """`burrow dev` on a fixed port, which can be killed and started again."""
 
     def __init__(self, tmp: Path, *extra: str) -> None:
         self.state = tmp / "state"
-        self.port = _free_port()
+        self.port = free_port()
         self.extra = extra
         self.log = tmp / "relay.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -69,7 +52,7 @@ class DevRelay:
             self.proc = subprocess.Popen(
                 [*args, *self.extra], env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err
             )
-        _wait_for(env_file.exists, "the dev relay")
+        wait_until(env_file.exists, "the dev relay")
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -151,8 +134,8 @@ def test_relay_killed_and_started_again_gives_the_same_url_and_port_back(tmp_pat
             relay.start()
 
             # Inside the block nothing changed: the same names serve again.
-            _wait_for(lambda: _get(web.url, ca) == (200, b"same page"), "the same URL")
-            _wait_for(lambda: _echo(raw.unencrypted_port or 0, b"again") == b"again", "TCP port")
+            wait_until(lambda: _get(web.url, ca) == (200, b"same page"), "the same URL")
+            wait_until(lambda: _echo(raw.unencrypted_port or 0, b"again") == b"again", "TCP port")
             assert "takes" not in relay.log.read_text()  # a fresh relay: nothing to take over
         # Leaving the block still unpublishes, through the new session.
         assert _get(web.url, ca)[0] == 404
@@ -180,7 +163,7 @@ def test_sigterm_drains_connections_in_flight_and_agents_come_back(tmp_path: Pat
         first = curl.stdout.read(1024 * 1024)
         relay.signal(signal.SIGTERM)
         # No new visitors: the public port stops listening at once.
-        _wait_for(lambda: _get(tunnel.url, ca)[0] == 0, "the relay to stop taking visitors")
+        wait_until(lambda: _get(tunnel.url, ca)[0] == 0, "the relay to stop taking visitors")
         rest = curl.stdout.read()
         assert curl.wait(60) == 0, curl.stderr.read() if curl.stderr else ""
         assert hashlib.sha256(first + rest).hexdigest() == big_sha256(size)
@@ -191,7 +174,7 @@ def test_sigterm_drains_connections_in_flight_and_agents_come_back(tmp_path: Pat
 
         # The agent was told, kept its tunnel, and takes its name back on the new relay.
         relay.start()
-        _wait_for(lambda: _get(tunnel.url, ca) == (200, b"after the drain"), "the same URL")
+        wait_until(lambda: _get(tunnel.url, ca) == (200, b"after the drain"), "the same URL")
 
 
 def test_an_agent_that_dies_frees_its_names_and_ports(tmp_path: Path) -> None:
@@ -213,7 +196,7 @@ def test_an_agent_that_dies_frees_its_names_and_ports(tmp_path: Path) -> None:
             assert _get(url, ca) == (200, b"x")
             agent.kill()
             agent.wait()
-            _wait_for(lambda: _get(url, ca)[0] == 404, "the relay to free the name")
+            wait_until(lambda: _get(url, ca)[0] == 404, "the relay to free the name")
             with pytest.raises(OSError):
                 socket.create_connection(("127.0.0.1", tcp_port), timeout=5).close()
         finally:
@@ -278,7 +261,7 @@ def test_forward_while_the_session_reconnects_waits_for_it(tmp_path: Path) -> No
             assert _get(tunnel.url, ca) == (200, b"first")
             relay.signal(signal.SIGKILL)
             relay.wait()
-            _wait_for(lambda: _get(tunnel.url, ca)[0] == 0, "the relay to be gone")
+            wait_until(lambda: _get(tunnel.url, ca)[0] == 0, "the relay to be gone")
 
             opened: list[burrow.Tunnel] = []
             errors: list[BaseException] = []
@@ -295,7 +278,7 @@ def test_forward_while_the_session_reconnects_waits_for_it(tmp_path: Path) -> No
             worker = threading.Thread(target=forward_meanwhile)
             worker.start()
             relay.start()  # forward() above waits for the session to come back
-            _wait_for(lambda: opened or errors, "forward() to return")
+            wait_until(lambda: opened or errors, "forward() to return")
             try:
                 assert not errors, errors
                 assert _get(opened[0].url, ca) == (200, b"second")

@@ -16,14 +16,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from backends import http_server, tcp_echo_server
+from harness import wait_until
 
 import burrow
 from burrow import names, tokens
@@ -33,15 +33,6 @@ from burrow.relay.workers import Worker
 BURROW = [sys.executable, "-m", "burrow"]
 DOMAIN = "r1.localhost"
 
-
-def _wait_for(predicate: Callable[[], object], what: str, seconds: float = 30) -> object:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _children(pid: int) -> list[int]:
@@ -84,7 +75,7 @@ def dev_workers(tmp_path: Path, count: int = 2) -> Iterator[DevWorkers]:
             args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
         )
     try:
-        _wait_for(lambda: env_file.exists() and len(_children(proc.pid)) == count, "workers")
+        wait_until(lambda: env_file.exists() and len(_children(proc.pid)) == count, "workers")
         yield DevWorkers(proc, state, dev.parse_env(env_file.read_text()), log)
     finally:
         if proc.poll() is None:
@@ -184,7 +175,7 @@ def test_a_worker_that_dies_is_started_again_and_the_others_keep_serving(tmp_pat
         assert match is not None
         victim = int(match.group(1))
         os.kill(victim, signal.SIGKILL)
-        _wait_for(
+        wait_until(
             lambda: victim not in relay.workers() and len(relay.workers()) == 2,
             "worker 1 to be started again",
         )
@@ -197,7 +188,7 @@ def test_a_worker_that_dies_is_started_again_and_the_others_keep_serving(tmp_pat
         # Worker 1's agent reconnected, was routed to the new worker 1 by its old
         # session's name, and took its label back.
         tunnel, body = by_owner[1]
-        _wait_for(lambda: _curl_status(tunnel.url, ca) == 200, "worker 1's tunnel to come back")
+        wait_until(lambda: _curl_status(tunnel.url, ca) == 200, "worker 1's tunnel to come back")
         assert _curl(tunnel.url, ca, 8) == [body] * 8
         # A new session works, wherever it lands.
         with (
@@ -253,7 +244,7 @@ def test_relay_command_with_workers_serves_and_stops_on_sigterm(tmp_path: Path) 
     with log.open("wb") as err:
         proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stderr=err)
     try:
-        _wait_for(lambda: len(_children(proc.pid)) == 2, "two workers")
+        wait_until(lambda: len(_children(proc.pid)) == 2, "two workers")
         client = burrow.Client(
             relay=f"{DOMAIN}:{port}",
             token=tokens.mint(key, subject="op", ttl_seconds=600),
