@@ -15,12 +15,11 @@ import fcntl
 import os
 import select
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from typing import Final
 
-from burrow.stream import Chunk, Stream
+from burrow.stream import LINGER_RESET, Chunk, Stream
 
 
 class Splice:
@@ -370,7 +369,7 @@ class KernelSplice(Splice):
             if abort:
                 # Linger 0 makes close() send a reset, as a reset arrived.
                 with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             sock.close()
         with contextlib.suppress(RuntimeError):  # the loop may be closed at exit
             self.loop.call_soon_threadsafe(self._report_done)
@@ -391,7 +390,6 @@ class KernelSplice(Splice):
             self._report_done()
 
 
-_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 
 def join(a: Stream, b: Stream, *, on_done: Callable[[Splice], None] | None = None) -> Splice:

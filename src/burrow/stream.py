@@ -13,6 +13,7 @@ import contextlib
 import os
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable
 from typing import Final, Protocol, cast
@@ -29,6 +30,8 @@ TLS_READ_SIZE: Final = 256 * 1024
 # producer to pause; big enough to keep a fast link busy, small enough that
 # a slow visitor cannot make the relay hold much of anyone's stream.
 WRITE_HIGH_WATER: Final = 512 * 1024
+# SO_LINGER on, zero seconds: close() sends a reset.
+LINGER_RESET: Final = struct.pack("ii", 1, 0)
 WRITE_LOW_WATER: Final = 128 * 1024
 
 
@@ -257,9 +260,23 @@ class Stream(asyncio.BufferedProtocol):
             self.transport.close()
 
     def abort(self) -> None:
-        """Close at once, dropping buffered bytes (the peer sees a reset)."""
-        if self.transport is not None:
-            self.transport.abort()
+        """Close at once, dropping buffered bytes; the peer sees a reset.
+
+        A plain ``transport.abort()`` sends a FIN when nothing is left unread,
+        and a FIN reads as a clean end: a local server that crashed mid-reply
+        would look like one that finished. A zero linger makes close() reset.
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        # Only while the transport still owns its descriptor: after close the
+        # number may belong to someone else's socket.
+        if not transport.is_closing():
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        transport.abort()
 
 
 HandshakeCallback = Callable[["TlsStream", BaseException | None], None]
