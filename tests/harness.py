@@ -20,6 +20,7 @@ import uvloop
 
 import burrow
 from burrow import tls, tokens
+from burrow.agent.client import runtime
 from burrow.relay.config import RelayConfig
 from burrow.relay.server import Relay
 
@@ -122,6 +123,8 @@ def run_relay(state_dir: Path, **overrides: Any) -> Iterator[RelayHarness]:
     try:
         yield harness
     finally:
+        # Sessions with this relay would otherwise keep trying to reconnect to it.
+        runtime.run(runtime.close_all(harness.address))
         harness.call(relay.close())
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)

@@ -22,6 +22,7 @@ import click
 
 import burrow
 from burrow import names, tls
+from burrow.agent.client import runtime
 from burrow.relay import dev
 from burrow.relay.server import Relay
 
@@ -85,6 +86,9 @@ def _dev_relay(state_dir: Path) -> Iterator[tuple[Relay, dev.DevRelay]]:
     try:
         yield relay, prepared
     finally:
+        # The agent's session first: it would take the relay going away for a
+        # lost session and set about reconnecting.
+        runtime.run(runtime.close_all())
         asyncio.run_coroutine_threadsafe(relay.close(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)

@@ -130,11 +130,12 @@ class _Runtime:
                 self._sessions[settings] = session
             return session
 
-    async def close_all(self) -> None:
-        sessions = list(self._sessions.values())
-        self._sessions.clear()
-        for session in sessions:
-            await session.close()
+    async def close_all(self, relay: str | None = None) -> None:
+        """End this process's sessions (with the relay at ``relay`` only, if given)."""
+        for settings, session in list(self._sessions.items()):
+            if relay is None or settings.relay == relay:
+                del self._sessions[settings]
+                await session.close()
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
