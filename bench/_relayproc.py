@@ -215,14 +215,17 @@ class Relay:
         return tokens.mint(key, subject=subject, ttl_seconds=3600)
 
 
-def start_relay(procs: Processes, name: str = "relay", *, nofile: int | None = None) -> Relay:
-    """``burrow dev --port 0`` in a fresh state dir; returns once its settings are written."""
+def start_relay(
+    procs: Processes, name: str = "relay", *, nofile: int | None = None, extra: tuple[str, ...] = ()
+) -> Relay:
+    """``burrow dev --port 0 [extra]`` in a fresh state dir; returns once it has written
+    its settings."""
     state = procs.workdir / f"{name}-state"
     env_file = procs.workdir / f"{name}.env"
     env_file.unlink(missing_ok=True)  # it appears once the relay listens
     argv = [sys.executable, "-m", "burrow", "dev", "--port", "0"]
     argv += ["--state-dir", str(state), "--env-file", str(env_file), "--log-level", "warning"]
-    proc = procs.start(name, argv, nofile=nofile)
+    proc = procs.start(name, [*argv, *extra], nofile=nofile)
     deadline = time.monotonic() + START_TIMEOUT
     while not env_file.exists():
         if proc.poll() is not None:

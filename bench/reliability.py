@@ -260,6 +260,7 @@ def main() -> int:
         restart = relay_restart(tmp / "a", args.rounds)
         death = agent_death(tmp / "b", args.rounds)
         dead, serving, taken = half_open(tmp / "c", args.heartbeat)
+
     def ms(values: list[float]) -> str:
         return f"median {statistics.median(values) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms"
 

@@ -33,6 +33,10 @@ TARGET_BYTES_PER_TUNNEL = 20 * 1024
 # relay needs about two descriptors per visitor, the agent two as well.
 DEFAULT_SOFT_NOFILE = 1024
 
+# Options of the relay holding the idle tunnels: every agent session opens
+# its 1,000 tunnels at once, far past the default per-token rate limit.
+IDLE_RELAY_OPTIONS = ("--tunnel-rate", "1000000")
+
 CONNECT_TIMEOUT = 20.0
 IO_TIMEOUT = 20.0
 SETTLE_SECONDS = 0.5
@@ -275,7 +279,8 @@ async def idle_case(
     seconds: float,
 ) -> dict[str, Any]:
     """A relay and one agent process holding ``tunnels`` tunnels over several sessions."""
-    relay = rp.start_relay(procs, f"relay-{label}")
+    # The per-token creation rate would make this take minutes: lift it here.
+    relay = rp.start_relay(procs, f"relay-{label}", extra=IDLE_RELAY_OPTIONS)
     http_port = rp.start_local_server(procs, "http")
     await asyncio.sleep(SETTLE_SECONDS)
     idle = rp.Snapshot.of(relay.pid)
@@ -517,7 +522,9 @@ async def run(args: Any) -> None:
         "Raw TCP visitors connect to the tunnel's TCP port; TLS visitors to the relay's "
         "public port with SNI = the tunnel's name (relay ends TLS). Agent-relay data "
         "connections are TLS in both cases; the echo server runs in its own process.",
-        "Idle tunnels: a relay alone; one agent process with one session per 1,000 tunnels "
+        "Idle tunnels: a relay alone (`burrow dev " + " ".join(IDLE_RELAY_OPTIONS) + "`, "
+        "lifting the per-token creation rate); one agent process with one session and token "
+        "per 1,000 tunnels "
         f"(under MAX_TUNNELS_PER_SESSION={MAX_TUNNELS_PER_SESSION}), opens pipelined 100 at "
         "a time per session. bytes/tunnel = (RSS with tunnels - RSS with "
         "sessions) / tunnels; 'incl. sessions' subtracts the idle relay instead. "

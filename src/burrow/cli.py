@@ -20,7 +20,15 @@ from burrow import names, tokens
 from burrow.exception import Error
 from burrow.limits import raise_open_file_limit
 from burrow.relay import dev
-from burrow.relay.config import DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, RelayConfig
+from burrow.relay.config import (
+    DRAIN_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
+    HEARTBEAT_INTERVAL,
+    MAX_TUNNELS_PER_TOKEN,
+    TUNNEL_CREATION_BURST,
+    TUNNEL_CREATIONS_PER_SECOND,
+    RelayConfig,
+)
 from burrow.relay.server import LISTEN_BACKLOG, Relay
 from burrow.relay.workers import Worker, bind_listeners, run_workers
 
@@ -125,6 +133,20 @@ _drain_option = click.option(
     show_default=True,
     help="Seconds connections in flight may go on after SIGTERM.",
 )
+_max_tunnels_option = click.option(
+    "--max-tunnels-per-token",
+    type=click.IntRange(1),
+    default=MAX_TUNNELS_PER_TOKEN,
+    show_default=True,
+    help="Tunnels one token may hold at once across its sessions.",
+)
+_tunnel_rate_option = click.option(
+    "--tunnel-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=TUNNEL_CREATIONS_PER_SECOND,
+    show_default=True,
+    help=f"New tunnels a token may open per second (after a burst of {TUNNEL_CREATION_BURST}).",
+)
 _workers_option = click.option(
     "--workers",
     type=click.IntRange(1, 256),
@@ -208,6 +230,8 @@ def main() -> None:
 )
 @_heartbeat_option
 @_drain_option
+@_max_tunnels_option
+@_tunnel_rate_option
 @_workers_option
 @_log_level_option
 def relay(
@@ -224,6 +248,8 @@ def relay(
     handshake_timeout: float,
     heartbeat: int,
     drain_timeout: float,
+    max_tunnels_per_token: int,
+    tunnel_rate: float,
     workers: int,
     log_level: str,
 ) -> None:
@@ -247,6 +273,8 @@ def relay(
             handshake_timeout=handshake_timeout,
             heartbeat=heartbeat,
             drain_timeout=drain_timeout,
+            max_tunnels_per_token=max_tunnels_per_token,
+            tunnel_creations_per_second=tunnel_rate,
         )
 
         if workers == 1:
@@ -319,6 +347,8 @@ def _run_workers(
 )
 @_heartbeat_option
 @_drain_option
+@_max_tunnels_option
+@_tunnel_rate_option
 @_workers_option
 @_log_level_option
 def dev_command(
@@ -329,6 +359,8 @@ def dev_command(
     plain_data: bool,
     heartbeat: int,
     drain_timeout: float,
+    max_tunnels_per_token: int,
+    tunnel_rate: float,
     workers: int,
     log_level: str,
 ) -> None:
@@ -341,7 +373,11 @@ def dev_command(
         prepared = dataclasses.replace(
             prepared,
             config=dataclasses.replace(
-                prepared.config, heartbeat=heartbeat, drain_timeout=drain_timeout
+                prepared.config,
+                heartbeat=heartbeat,
+                drain_timeout=drain_timeout,
+                max_tunnels_per_token=max_tunnels_per_token,
+                tunnel_creations_per_second=tunnel_rate,
             ),
         )
     except (Error, OSError) as exc:
