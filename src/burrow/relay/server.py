@@ -510,8 +510,6 @@ class Relay:
         tunnel.splices.add(splice)
         splice.start()
 
-    # -- tunnels --------------------------------------------------------------
-
     # -- claims: a reconnecting agent gets its names back ---------------------
 
     def claim_for(self, tunnel: RelayTunnel) -> str:
@@ -538,6 +536,8 @@ class Relay:
         mac = self._claim_key.copy()
         mac.update(f"{body}.{token_id}".encode())
         return mac.hexdigest()[:CLAIM_MAC_HEX]
+
+    # -- tunnels --------------------------------------------------------------
 
     def new_tunnel(
         self,
