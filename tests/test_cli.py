@@ -195,3 +195,75 @@ def test_demo_fetches_its_page_through_the_tunnel() -> None:
     assert "-> 200" in result.stdout
     assert "Hello from behind a burrow tunnel" in result.stdout
     assert "after the with block: GET -> 404" in result.stdout
+
+
+_FIRST = """
+import os, subprocess, sys
+import burrow
+port = int(sys.argv[1])
+with burrow.forward(port) as tunnel:
+    print("first:", tunnel.url, flush=True)
+    for workload in (None, "another-workload"):
+        env = dict(os.environ)
+        if workload:
+            env["BURROW_WORKLOAD"] = workload
+        second = subprocess.run(
+            [sys.executable, "-c", sys.argv[2], str(port)], env=env, capture_output=True, text=True
+        )
+        print(second.stdout + second.stderr, end="", flush=True)
+"""
+_SECOND = """
+import sys
+import burrow
+try:
+    with burrow.forward(int(sys.argv[1])) as tunnel:
+        print("second:", tunnel.url)
+except burrow.exception.InvalidError as exc:
+    print("second refused:", exc)
+"""
+
+
+def test_run_makes_a_workload_whose_processes_forward_each_port_once(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = _env(BURROW_STATE_DIR=str(state))
+    with _process([*BURROW, "dev", "--port", "0"], env) as relay, http_server() as server:
+        _wait_for(lambda: (state / dev.PID_FILE).exists(), "the dev relay", relay)
+        out = subprocess.run(
+            [*BURROW, "run", "--", sys.executable, "-c", _FIRST, str(server.port), _SECOND],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].startswith("first: https://")
+        # Another process of the same workload: refused, as inside one Modal container.
+        assert lines[1] == f"second refused: Port {server.port} is already forwarded"
+        # A process of another workload may forward the same port number.
+        assert lines[2].startswith("second: https://") and lines[2][8:] != lines[0][7:]
+
+
+def test_run_passes_the_exit_code_and_a_workload_id(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = _env(BURROW_STATE_DIR=str(state))
+    with _process([*BURROW, "dev", "--port", "0"], env) as relay:
+        _wait_for(lambda: (state / dev.PID_FILE).exists(), "the dev relay", relay)
+        show = "import os; print(os.environ['BURROW_WORKLOAD'], os.environ['BURROW_RELAY'])"
+        out = subprocess.run(
+            [*BURROW, "run", "--", sys.executable, "-c", show + "; raise SystemExit(3)"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode == 3
+        workload, relay_address = out.stdout.split()
+        assert len(workload) >= 16 and relay_address.startswith("r1.localhost:")
+    # Without a relay to run against, it says so instead of starting anything.
+    out = subprocess.run(
+        [*BURROW, "run", "--", "true"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode != 0 and "BURROW_RELAY" in out.stderr

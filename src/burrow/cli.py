@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import secrets
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -489,6 +492,41 @@ def _wait_for_signal() -> None:
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(3600):
         pass
+
+
+# -- run ----------------------------------------------------------------------
+
+
+@main.command(
+    "run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run_command(command: tuple[str, ...]) -> None:
+    """Run COMMAND as a workload: burrow.forward() works inside it, and each port is
+    forwarded once across all of its processes. Its exit code is burrow's."""
+    from burrow.agent import client
+
+    try:
+        settings = client.Client().settings()
+    except Error as exc:
+        raise click.ClickException(str(exc)) from exc
+    env = dict(os.environ)
+    env[client.ENV_RELAY] = settings.relay
+    env[client.ENV_TOKEN] = settings.token
+    if settings.ca is not None:
+        env[client.ENV_CA] = str(settings.ca)
+    if settings.plain_data:
+        env[client.ENV_PLAIN_DATA] = "1"
+    # A `burrow run` inside a workload stays part of it.
+    env[client.ENV_WORKLOAD] = env.get(client.ENV_WORKLOAD) or secrets.token_urlsafe(16)
+    try:
+        proc = subprocess.Popen(list(command), env=env)
+    except OSError as exc:
+        raise click.ClickException(f"cannot run {command[0]}: {exc}") from exc
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+    code = proc.wait()
+    sys.exit(128 - code if code < 0 else code)
 
 
 # -- token --------------------------------------------------------------------

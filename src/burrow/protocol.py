@@ -40,6 +40,7 @@ CODE_LIMIT: Final = "limit"
 CODE_BAD_ATTACH: Final = "bad-attach"
 CODE_SHUTTING_DOWN: Final = "shutting-down"
 CODE_CLAIM: Final = "claim"
+CODE_PORT_FORWARDED: Final = "port-forwarded"
 
 
 class _Message:
@@ -54,6 +55,7 @@ class Hello(_Message):
     version: int
     token: str
     agent: str
+    workload: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,9 @@ ENV_RELAY: Final = "BURROW_RELAY"
 ENV_TOKEN: Final = "BURROW_TOKEN"
 ENV_CA: Final = "BURROW_CA"
 ENV_PLAIN_DATA: Final = "BURROW_PLAIN_DATA"
+# Set by `burrow run` for every process of one workload: the relay lets a
+# workload forward each port once, whichever of its processes asks.
+ENV_WORKLOAD: Final = "BURROW_WORKLOAD"
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,11 @@ class Client:
         if plain is None:
             plain = env.get(ENV_PLAIN_DATA, "").strip().lower() in ("1", "true", "yes")
         return Settings(
-            relay=relay, token=token.strip(), ca=Path(ca) if ca else None, plain_data=plain
+            relay=relay,
+            token=token.strip(),
+            ca=Path(ca) if ca else None,
+            plain_data=plain,
+            workload=env.get(ENV_WORKLOAD) or None,
         )
 
 

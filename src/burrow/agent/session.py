@@ -24,6 +24,7 @@ from burrow.channel import Channel
 from burrow.exception import (
     AuthError,
     ConnectionError,
+    InvalidError,
     LocalProtocolError,
     RelayError,
     RemoteProtocolError,
@@ -82,6 +83,9 @@ class Settings:
 
     plain_data: bool = False
     """Use the relay's plaintext data port when it offers one (trusted networks only)."""
+
+    workload: str | None = None
+    """The workload this process belongs to (``burrow run``), if any."""
 
     @property
     def address(self) -> tuple[str, int]:
@@ -207,6 +211,7 @@ class AgentSession:
                 version=protocol.PROTOCOL_VERSION,
                 token=self.settings.token,
                 agent=f"burrow/{__version__}",
+                workload=self.settings.workload,
             )
         )
         try:
@@ -417,6 +422,8 @@ class AgentSession:
             tunnel_id, protocol.Open(id=tunnel_id, port=port, tcp=tcp, h2=h2, allow=allow)
         )
         if isinstance(reply, protocol.Error):
+            if reply.code == protocol.CODE_PORT_FORWARDED:
+                raise InvalidError(reply.message)
             raise RelayError(reply.code, f"the relay refused to open a tunnel: {reply.message}")
         assert isinstance(reply, protocol.Opened)
         tunnel = Tunnel(

@@ -58,6 +58,10 @@ FORBIDDEN_REPLY: Final = (
 # The first frame (hello or attach) must come soon after the handshake.
 FIRST_FRAME_TIMEOUT: Final = 10.0
 
+# A workload id is an opaque name `burrow run` makes up (22 characters);
+# the cap only keeps a hostile agent from making the relay hold a large one.
+MAX_WORKLOAD_ID: Final = 128
+
 # Hex digits of HMAC-SHA256 in a claim: 128 bits, beyond guessing.
 CLAIM_MAC_HEX: Final = 32
 
@@ -107,6 +111,9 @@ class Relay:
             config.tunnel_creations_per_second,
             config.tunnel_creation_burst,
         )
+        # (token id, workload) -> local port -> the tunnel forwarding it: one
+        # workload forwards a port once, whichever of its processes asks.
+        self._workload_ports: dict[tuple[str, str], dict[int, RelayTunnel]] = {}
         # Unfinished handshakes, oldest first (dicts keep insertion order).
         self._handshaking: dict[TlsStream, None] = {}
         # Claims are signed with a key derived from the relay's TLS key, which a
@@ -433,7 +440,10 @@ class Relay:
         if self.shutting_down:
             refuse(protocol.CODE_SHUTTING_DOWN, "the relay is shutting down")
             return
-        session = Session(self, channel, claims)
+        if hello.workload is not None and len(hello.workload) > MAX_WORKLOAD_ID:
+            refuse(protocol.CODE_BAD_REQUEST, f"workload ids are at most {MAX_WORKLOAD_ID} long")
+            return
+        session = Session(self, channel, claims, hello.workload)
         self.sessions[session.id] = session
         log.info(
             "session %s for %s from %s (%s)",
@@ -539,6 +549,14 @@ class Relay:
 
     # -- tunnels --------------------------------------------------------------
 
+    def port_holder(self, session: Session, port: int) -> RelayTunnel | None:
+        """The live tunnel of the session's workload that already forwards ``port``."""
+        if session.workload is None:
+            return None
+        ports = self._workload_ports.get((session.claims.token_id, session.workload), {})
+        holder = ports.get(port)
+        return holder if holder is not None and not holder.closed else None
+
     def new_tunnel(
         self,
         session: Session,
@@ -563,6 +581,9 @@ class Relay:
             allow=allow,
         )
         self.routes[label] = tunnel
+        if session.workload is not None:
+            key = (session.claims.token_id, session.workload)
+            self._workload_ports.setdefault(key, {})[message.port] = tunnel
         log.info(
             "tunnel %s published for session %s (local port %d%s%s)",
             tunnel.host,
@@ -636,6 +657,13 @@ class Relay:
             return
         tunnel.closed = True
         self.quotas.remove(tunnel.session.claims.token_id)
+        if tunnel.session.workload is not None:
+            key = (tunnel.session.claims.token_id, tunnel.session.workload)
+            ports = self._workload_ports.get(key, {})
+            if ports.get(tunnel.local_port) is tunnel:
+                del ports[tunnel.local_port]
+                if not ports:
+                    del self._workload_ports[key]
         if self.routes.get(tunnel.label) is tunnel:
             del self.routes[tunnel.label]
         for server in tunnel.tcp_servers:

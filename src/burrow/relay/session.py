@@ -77,10 +77,14 @@ class _Pooled:
 class Session:
     """Everything the relay holds for one authenticated agent."""
 
-    def __init__(self, relay: Relay, channel: Channel, claims: TokenClaims) -> None:
+    def __init__(
+        self, relay: Relay, channel: Channel, claims: TokenClaims, workload: str | None = None
+    ) -> None:
         self.relay = relay
         self.channel = channel
         self.claims = claims
+        # The `burrow run` workload the agent's process belongs to: its ports are its own.
+        self.workload = workload
         self.id = relay.new_name()
         self.key = secrets.token_urlsafe(32)
         self.tunnels: dict[int, RelayTunnel] = {}
@@ -200,6 +204,9 @@ class Session:
                 # and not yet timed out) lets the name go to the new one.
                 log.info("session %s takes %s back from %s", self.id, held.host, held.session.id)
                 self.relay.unpublish(held)
+        if self.relay.port_holder(self, message.port) is not None:
+            refuse(protocol.CODE_PORT_FORWARDED, f"Port {message.port} is already forwarded")
+            return
         tunnel = self.relay.new_tunnel(self, message, claimed[0], allow=allow)
         if message.tcp:
             try:
