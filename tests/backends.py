@@ -24,11 +24,12 @@ import os
 import shutil
 import socket
 import socketserver
+import ssl
 import subprocess
 import threading
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,43 @@ def free_port(host: str = HOST) -> int:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def free_port_on_both() -> int:
+    """A port free on both 127.0.0.1 and ::1 (for a listener on each)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET6) as v6:
+            v6.bind(("::1", 0))
+            port: int = v6.getsockname()[1]
+            with socket.socket(socket.AF_INET) as v4:
+                try:
+                    v4.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no port free on both 127.0.0.1 and ::1")
+
+
+def client_hello(
+    server_name: str | None,
+    alpn: Sequence[str] = (),
+    maximum_version: ssl.TLSVersion | None = None,
+) -> bytes:
+    """The first bytes Python's ssl sends as a client: its ClientHello, in records."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if maximum_version is not None:
+        context.maximum_version = maximum_version
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
+    outgoing = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=server_name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        return outgoing.read()
+    raise AssertionError("a TLS client finished its handshake with no server")
 
 
 def wait_for_port(

@@ -13,6 +13,7 @@ import ssl
 from collections.abc import Sequence
 
 import pytest
+from backends import client_hello
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,31 +29,13 @@ from burrow.hello import (
 # Real ClientHellos, as Python's ssl (OpenSSL) sends them.
 
 
-def real_hello(
-    server_hostname: str | None,
-    alpn: Sequence[str] = (),
-    maximum_version: ssl.TLSVersion | None = None,
-) -> bytes:
-    """The first bytes a TLS client sends: its ClientHello, in records."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    if maximum_version is not None:
-        context.maximum_version = maximum_version
-    if alpn:
-        context.set_alpn_protocols(list(alpn))
-    outgoing = ssl.MemoryBIO()
-    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=server_hostname)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 LONG_NAME = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
 assert len(LONG_NAME) == 253  # the longest name DNS allows
 
 REAL_HELLOS: dict[str, tuple[bytes, ClientHello]] = {
-    case: (real_hello(name, alpn, version), ClientHello(server_name=name, alpn=tuple(alpn)))
+    case: (client_hello(name, alpn, version), ClientHello(server_name=name, alpn=tuple(alpn)))
     for case, name, alpn, version in [
         ("sni-h2-http11", "visitor.example.com", ("h2", "http/1.1"), None),
         ("burrow-control", "relay.example.com", ("burrow/1",), None),

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 import pytest
-from backends import HttpServer, http_server
+from backends import HttpServer, client_hello, http_server
 from harness import DOMAIN, RelayHarness, run_relay
 
 import burrow
@@ -93,24 +93,6 @@ def frame(payload: bytes | dict[str, Any]) -> bytes:
     return struct.pack("!I", len(payload)) + payload
 
 
-def client_hello(
-    server_name: str | None,
-    alpn: list[str],
-    maximum_version: ssl.TLSVersion | None = None,
-) -> bytes:
-    """The ClientHello Python's ssl sends for these settings."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    if maximum_version is not None:
-        context.maximum_version = maximum_version
-    if alpn:
-        context.set_alpn_protocols(alpn)
-    outgoing = ssl.MemoryBIO()
-    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=server_name)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def real_client_hellos(visitor_host: str) -> list[bytes]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backends import http_server, tcp_echo_server
+from backends import free_port_on_both, http_server, tcp_echo_server
 from harness import DOMAIN, RelayHarness, run_relay
 
 import burrow
@@ -540,22 +540,10 @@ def test_an_h2_visitor_left_out_is_closed(relay: RelayHarness) -> None:
         assert server.requests_served == 0
 
 
-def _port_free_on_both() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET6) as v6:
-            v6.bind(("::1", 0))
-            port: int = v6.getsockname()[1]
-            with socket.socket(socket.AF_INET) as v4:
-                try:
-                    v4.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError("no port free on both 127.0.0.1 and ::1")
 
 
 def test_ipv6_visitors_and_ipv4_allowlists(tmp_path: Path) -> None:
-    port = _port_free_on_both()
+    port = free_port_on_both()
     with run_relay(tmp_path / "relay", listen=(("127.0.0.1", port), ("::1", port))) as relay:
         with (
             http_server(marker="v4-page") as server,

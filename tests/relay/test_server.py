@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backends import HttpServer, TcpEchoServer, http_server, tcp_echo_server
+from backends import (
+    HttpServer,
+    TcpEchoServer,
+    free_port_on_both,
+    http_server,
+    tcp_echo_server,
+)
 from harness import DOMAIN, RelayHarness, run_relay
 
 import burrow
@@ -764,22 +770,10 @@ def test_flood_of_idle_connections_does_not_stop_visitors(live: Live) -> None:
 # -- IPv6 ---------------------------------------------------------------------------------
 
 
-def _port_free_on_both() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET6) as v6:
-            v6.bind(("::1", 0))
-            port: int = v6.getsockname()[1]
-            with socket.socket(socket.AF_INET) as v4:
-                try:
-                    v4.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError("no port free on both 127.0.0.1 and ::1")
 
 
 def test_ipv6_visitor(tmp_path: Path) -> None:
-    port = _port_free_on_both()
+    port = free_port_on_both()
     # ::1 first: the relay's public port is its first listener's. The agent
     # reaches r1.localhost at 127.0.0.1; the visitor comes over [::1].
     with run_relay(tmp_path / "relay", listen=(("::1", port), ("127.0.0.1", port))) as relay:
