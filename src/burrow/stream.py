@@ -30,6 +30,11 @@ TLS_READ_SIZE: Final = 256 * 1024
 # producer to pause; big enough to keep a fast link busy, small enough that
 # a slow visitor cannot make the relay hold much of anyone's stream.
 WRITE_HIGH_WATER: Final = 512 * 1024
+# A stream whose reads keep filling the whole buffer yields the event loop
+# after this many bytes: libuv reads a ready socket up to 32 times in a row,
+# so without a budget a few bulk transfers made one turn of the loop last a
+# second and more, and a new visitor's handshakes waited behind them.
+READ_TURN_BUDGET: Final = READ_SIZE
 # SO_LINGER on, zero seconds: close() sends a reset.
 LINGER_RESET: Final = struct.pack("ii", 1, 0)
 WRITE_LOW_WATER: Final = 128 * 1024
@@ -118,6 +123,9 @@ class Stream(asyncio.BufferedProtocol):
         self.closed = False
         self.eof_sent = False
         self.peer_eof = False
+        self._paused = False  # reading paused by the consumer (back-pressure)
+        self._yielding = False  # reading paused until the loop's next turn
+        self._turn_bytes = 0
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -140,7 +148,34 @@ class Stream(asyncio.BufferedProtocol):
         return self._read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
+        if nbytes == len(self._read_buffer):  # there may be more: libuv reads again
+            self._turn_bytes += nbytes
+            if self._turn_bytes >= READ_TURN_BUDGET:
+                self._yield_turn()
+        else:
+            self._turn_bytes = 0
         self.data_received(self._read_buffer[:nbytes])
+
+    def _yield_turn(self) -> None:
+        """Stop reading until the loop has served everyone else once."""
+        self._turn_bytes = 0
+        if self._yielding or self.transport is None or self.closed:
+            return
+        self._yielding = True
+        if not self._paused:
+            self.transport.pause_reading()
+        asyncio.get_running_loop().call_soon(self._end_turn)
+
+    def _end_turn(self) -> None:
+        self._yielding = False
+        transport = self.transport
+        if (
+            not self._paused
+            and not self.closed
+            and transport is not None
+            and not transport.is_closing()
+        ):
+            transport.resume_reading()
 
     def data_received(self, data: Chunk) -> None:
         self._receiver.on_data(self, data)
@@ -218,11 +253,15 @@ class Stream(asyncio.BufferedProtocol):
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.pause_reading()
+            if not self._paused and not self._yielding:
+                self.transport.pause_reading()
+            self._paused = True
 
     def resume_reading(self) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+            if self._paused and not self._yielding:
+                self.transport.resume_reading()
+            self._paused = False
 
     def can_detach(self) -> bool:
         """Whether :meth:`detach` can take the socket without losing a byte."""

@@ -24,7 +24,7 @@ DRAIN_TIMEOUT: Final = 20.0
 POOL_SIZE: Final = 4
 
 # How long a visitor waits for a data connection when the pool is empty.
-POOL_WAIT_SECONDS: Final = 10.0
+POOL_WAIT_SECONDS: Final = 30.0
 
 # Tunnels one session may hold; a guard against a runaway agent, far above
 # what one process forwards.

@@ -487,6 +487,7 @@ class Relay:
             log.warning("data connection from %s refused: spoke before bind", stream.peername)
             stream.abort()
             return
+        log.debug("data connection from %s attached to session %s", stream.peername, session.id)
         # The channel's protocol state stays POOLED until serve_visitor binds it.
         session.add_data_connection(channel)
 
@@ -513,6 +514,13 @@ class Relay:
         if data is None or tunnel.closed or visitor.closed:
             if data is not None:
                 tunnel.session.add_data_connection(data)
+            elif not tunnel.closed and not visitor.closed:
+                log.warning(
+                    "tunnel %s: no data connection from the agent in %.0fs, turning %s away",
+                    tunnel.host,
+                    POOL_WAIT_SECONDS,
+                    visitor.peername,
+                )
             visitor.close()
             return
         data.send(protocol.Bind(id=tunnel.id, visitor=visitor.peername))
