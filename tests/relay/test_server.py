@@ -734,19 +734,21 @@ def test_fuzz_raw_tcp_tunnel(live: Live) -> None:
 
 
 def test_silent_peer_is_closed_after_the_handshake_timeout(tmp_path: Path) -> None:
+    """Closed (read_until_closed fails after CLOSE_WITHIN otherwise), and not before the
+    timeout: the relay's clock starts after our connect, so at least 0.5 s from before it."""
     with run_relay(tmp_path / "relay", handshake_timeout=0.5) as relay:
+        start = time.monotonic()
         with socket.create_connection(("127.0.0.1", relay.port), timeout=CLOSE_WITHIN) as sock:
-            start = time.monotonic()
             assert read_until_closed(sock)[0] == b""
             elapsed = time.monotonic() - start
-        assert 0.4 <= elapsed < 3.0, elapsed
+        assert elapsed >= 0.5, elapsed
         # Half a ClientHello, then nothing: the same.
+        start = time.monotonic()
         with socket.create_connection(("127.0.0.1", relay.port), timeout=CLOSE_WITHIN) as sock:
             sock.sendall(_client_hello()[:40])
-            start = time.monotonic()
             read_until_closed(sock)
             elapsed = time.monotonic() - start
-        assert 0.4 <= elapsed < 3.0, elapsed
+        assert elapsed >= 0.5, elapsed
         with http_server() as server, burrow.forward(server.port, client=relay.client()) as t:
             assert_serves(relay, server, t)
 
