@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from burrow import exception
 from burrow.agent.client import Client, forward
+from burrow.sandbox import Sandbox
 from burrow.tunnel import Tunnel
 
-__all__ = ["Client", "Tunnel", "__version__", "exception", "forward"]
+__all__ = ["Client", "Sandbox", "Tunnel", "__version__", "exception", "forward"]

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import secrets
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +19,7 @@ import click
 
 from burrow import names, tokens
 from burrow.exception import Error
+from burrow.launch.cli import launch
 from burrow.limits import raise_open_file_limit
 from burrow.relay import dev
 from burrow.relay.config import (
@@ -34,6 +33,8 @@ from burrow.relay.config import (
 )
 from burrow.relay.server import LISTEN_BACKLOG, Relay
 from burrow.relay.workers import Worker, bind_listeners, run_workers
+from burrow.sandbox_cli import sandbox_command
+from burrow.stop import StopFlag
 
 
 def _setup_logging(level: str) -> None:
@@ -170,6 +171,9 @@ _tcp_ports_option = click.option(
 @click.version_option(package_name="burrow")
 def main() -> None:
     """burrow: publish a local port through your own relay."""
+
+
+main.add_command(launch)  # burrow launch jupyter|shell: src/burrow/launch/
 
 
 # -- relay --------------------------------------------------------------------
@@ -468,9 +472,20 @@ async def _start_dev_relay(config: RelayConfig) -> Relay:
     help="Let only visitors from this network in (10.0.0.0/8, 2001:db8::/32); repeat "
     "for several. Default: everyone.",
 )
-def forward_command(port: int, tcp: bool, h2: bool, allow: tuple[str, ...]) -> None:
+@click.option(
+    "--log-level",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="What the agent logs to stderr.",
+)
+def forward_command(
+    port: int, tcp: bool, h2: bool, allow: tuple[str, ...], log_level: str
+) -> None:
     """Publish a local PORT until Ctrl-C; prints its URL (and TCP socket)."""
     import burrow
+
+    _setup_logging(log_level)
 
     try:
         with burrow.forward(
@@ -487,11 +502,9 @@ def forward_command(port: int, tcp: bool, h2: bool, allow: tuple[str, ...]) -> N
 
 
 def _wait_for_signal() -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(3600):
-        pass
+    stop = StopFlag()
+    stop.install()
+    stop.wait()
 
 
 # -- run ----------------------------------------------------------------------
@@ -510,15 +523,9 @@ def run_command(command: tuple[str, ...]) -> None:
         settings = client.Client().settings()
     except Error as exc:
         raise click.ClickException(str(exc)) from exc
-    env = dict(os.environ)
-    env[client.ENV_RELAY] = settings.relay
-    env[client.ENV_TOKEN] = settings.token
-    if settings.ca is not None:
-        env[client.ENV_CA] = str(settings.ca)
-    if settings.plain_data:
-        env[client.ENV_PLAIN_DATA] = "1"
     # A `burrow run` inside a workload stays part of it.
-    env[client.ENV_WORKLOAD] = env.get(client.ENV_WORKLOAD) or secrets.token_urlsafe(16)
+    workload = settings.workload or secrets.token_urlsafe(16)
+    env = client.workload_env(dataclasses.replace(settings, workload=workload))
     try:
         proc = subprocess.Popen(list(command), env=env)
     except OSError as exc:
@@ -527,6 +534,11 @@ def run_command(command: tuple[str, ...]) -> None:
         signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
     code = proc.wait()
     sys.exit(128 - code if code < 0 else code)
+
+
+# -- sandbox ------------------------------------------------------------------
+
+main.add_command(sandbox_command)
 
 
 # -- token --------------------------------------------------------------------

@@ -36,6 +36,31 @@ class RelayError(Error):
         self.message = message
 
 
+class NotReadyError(TimeoutError):
+    """The server behind a port did not accept connections in the time allowed.
+
+    ``port`` is the local port, ``url`` the tunnel's address (if any),
+    ``timeout`` the seconds waited and ``reason`` the last probe's failure.
+    """
+
+    def __init__(self, port: int, url: str | None, timeout: float, reason: str) -> None:
+        where = f"Port {port} ({url})" if url else f"Port {port}"
+        super().__init__(f"{where} was not ready within {timeout:g}s: {reason}")
+        self.port = port
+        self.url = url
+        self.timeout = timeout
+        self.reason = reason
+
+
+class SandboxTimeoutError(TimeoutError):
+    """A sandbox ran past its ``timeout`` and was killed, or its tunnels were not
+    published in the time allowed (as Modal's error of the same name)."""
+
+
+class SandboxTerminatedError(Error):
+    """A sandbox was ended by ``terminate()`` (raised by ``wait()``, as in Modal)."""
+
+
 class ProtocolError(Error):
     """Bytes on a burrow connection broke the wire protocol."""
 
@@ -54,8 +79,11 @@ __all__ = [
     "Error",
     "InvalidError",
     "LocalProtocolError",
+    "NotReadyError",
     "ProtocolError",
     "RelayError",
     "RemoteProtocolError",
+    "SandboxTerminatedError",
+    "SandboxTimeoutError",
     "TimeoutError",
 ]

@@ -11,7 +11,7 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +52,10 @@ class Client:
     """Use the relay's plaintext data port if offered (``BURROW_PLAIN_DATA=1``);
     trusted networks only."""
 
+    workload: str | None = None
+    """The workload the tunnels belong to (``BURROW_WORKLOAD``): one forward
+    per port across it. ``burrow.Sandbox`` forwards its ports under its own."""
+
     def settings(self) -> Settings:
         """Resolve the settings: arguments, then the environment, then a running ``burrow dev``."""
         env: dict[str, str] = dict(os.environ)
@@ -78,8 +82,23 @@ class Client:
             token=token.strip(),
             ca=Path(ca) if ca else None,
             plain_data=plain,
-            workload=env.get(ENV_WORKLOAD) or None,
+            workload=self.workload or env.get(ENV_WORKLOAD) or None,
         )
+
+
+def workload_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) plus the variables that
+    let ``burrow.forward()`` inside a workload reach the relay as ``settings`` do."""
+    env = dict(os.environ if base is None else base)
+    env[ENV_RELAY] = settings.relay
+    env[ENV_TOKEN] = settings.token
+    if settings.ca is not None:
+        env[ENV_CA] = str(settings.ca)
+    if settings.plain_data:
+        env[ENV_PLAIN_DATA] = "1"
+    if settings.workload is not None:
+        env[ENV_WORKLOAD] = settings.workload
+    return env
 
 
 class _Runtime:
@@ -136,6 +155,13 @@ class _Runtime:
                 session = await AgentSession.connect(settings)
                 self._sessions[settings] = session
             return session
+
+    async def close_session(self, settings: Settings) -> None:
+        """End the session for exactly these settings, if there is one (on the agent loop)."""
+        session = self._sessions.pop(settings, None)
+        self._session_locks.pop(settings, None)
+        if session is not None:
+            await session.close()
 
     async def close_all(self, relay: str | None = None) -> None:
         """End this process's sessions (with the relay at ``relay`` only, if given)."""

@@ -372,6 +372,7 @@ class AgentSession:
             case protocol.Error(id=int(tunnel_id)):
                 self._resolve(tunnel_id, message)
             case protocol.Dial(count=count):
+                log.debug("relay asks for %d data connections", count)
                 for _ in range(min(count, 64)):
                     self._spawn(self._serve_data_connection())
             case protocol.Ping(seq=seq):
@@ -431,6 +432,7 @@ class AgentSession:
             port=reply.port,
             unencrypted_host=reply.tcp_host,
             unencrypted_port=reply.tcp_port,
+            local_port=port,
         )
         self.tunnels[tunnel_id] = AgentTunnel(
             id=tunnel_id,
@@ -469,6 +471,7 @@ class AgentSession:
         except ConnectionError as exc:
             log.warning("data connection to %s failed: %s", self.settings.relay, exc)
             return
+        log.debug("data connection to %s up", self.settings.relay)
         channel = Channel(stream, protocol.Connection(protocol.Kind.DATA, protocol.Role.AGENT))
         channel.send(protocol.Attach(session=self._welcome.session, key=self._welcome.key))
         try:
