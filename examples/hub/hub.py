@@ -105,10 +105,10 @@ class Hub:
             "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0",
             # Visitors come through the tunnel, with its name in the Host header.
             "--ServerApp.allow_remote_access=True",
-            f"--IdentityProvider.token={token}",
             encrypted_ports=[port],
             timeout=SANDBOX_TIMEOUT,
             workdir=workdir,
+            env={"JUPYTER_TOKEN": token},  # not on the command line, where ps shows it
         )  # fmt: skip
         try:
             tunnel = sb.tunnels()[port]

@@ -251,6 +251,11 @@ def _python_prefixes() -> set[str]:
     return {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
 
 
+def _burrow_root() -> str:
+    """The directory burrow is imported from (site-packages, or a source tree's src/)."""
+    return os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+
+
 def _under(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
@@ -572,17 +577,19 @@ class Sandbox:
 
         if level is IsolationLevel.BWRAP:
             hidden = [*PRIVATE_DIRS, *HOME_DIRS]
-            # Home directories are hidden, but the Python running burrow (pyenv,
-            # say) and the prefix of the command's bin/ directory are shown
-            # again, read-only, if they live there.
+            # Home directories and /tmp are hidden, but the Python running burrow
+            # (pyenv, or a virtualenv under /tmp, say), burrow itself (an editable
+            # install's source tree) and the prefix of the command's bin/
+            # directory are shown again, read-only, if they live there.
             shown = sorted(
                 {
                     path
                     for path in (
                         *(os.path.realpath(p) for p in _python_prefixes()),
+                        _burrow_root(),
                         os.path.dirname(os.path.dirname(os.path.realpath(found))),
                     )
-                    if any(_under(path, home) and path != home for home in HOME_DIRS)
+                    if any(_under(path, home) and path != home for home in hidden)
                 }
             )
             visible = [workdir, *shown]
