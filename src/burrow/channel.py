@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 
 from burrow import protocol
-from burrow.exception import ConnectionError, RemoteProtocolError
+from burrow.exception import ConnectionError, LocalProtocolError, RemoteProtocolError
 from burrow.stream import Chunk, Stream
 
 # Frames buffered but not yet taken before we stop reading the peer.
@@ -119,3 +120,10 @@ class Channel:
 
     def close(self) -> None:
         self.stream.close()
+
+    def refuse(self, error: protocol.Error) -> None:
+        """Send ``error`` and close, reading and dropping what the peer still sends so
+        that the close does not turn into a reset that destroys the error."""
+        with contextlib.suppress(LocalProtocolError):
+            self.send(error)
+        self.stream.close_lingering()

@@ -38,6 +38,9 @@ READ_TURN_BUDGET: Final = READ_SIZE
 # SO_LINGER on, zero seconds: close() sends a reset.
 LINGER_RESET: Final = struct.pack("ii", 1, 0)
 WRITE_LOW_WATER: Final = 128 * 1024
+# How long close_lingering() reads and drops what a refused peer still sends
+# before it closes anyway.
+LINGER_SECONDS: Final = 2.0
 
 
 # What a stream hands its receiver: valid only during the call (it may be a
@@ -126,6 +129,8 @@ class Stream(asyncio.BufferedProtocol):
         self._paused = False  # reading paused by the consumer (back-pressure)
         self._yielding = False  # reading paused until the loop's next turn
         self._turn_bytes = 0
+        self._fin_sent = False  # our TCP write side is shut: nothing more may be sent
+        self._lingering: asyncio.TimerHandle | None = None  # see close_lingering()
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -148,6 +153,8 @@ class Stream(asyncio.BufferedProtocol):
         return self._read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._lingering is not None:
+            return  # close_lingering(): what the peer still sends is dropped
         if nbytes == len(self._read_buffer):  # there may be more: libuv reads again
             self._turn_bytes += nbytes
             if self._turn_bytes >= READ_TURN_BUDGET:
@@ -181,10 +188,14 @@ class Stream(asyncio.BufferedProtocol):
         self._receiver.on_data(self, data)
 
     def eof_received(self) -> bool:
+        if self._lingering is not None:
+            return False  # the peer is done too: close
         self._deliver_eof()
         return True  # keep our write side open: the peer only half-closed
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lingering is not None:
+            self._lingering.cancel()
         if not self.closed:
             self.closed = True
             self._receiver.on_close(self, exc)
@@ -228,6 +239,8 @@ class Stream(asyncio.BufferedProtocol):
 
     def _send(self, transport: asyncio.Transport, data: Chunk) -> None:
         """Write to the socket directly if nothing is queued; queue the rest as bytes."""
+        if self._fin_sent:
+            return
         if self._fd >= 0 and not transport.get_write_buffer_size():
             # is_closing() turns true before the transport closes its descriptor,
             # whose number the kernel may then give to someone else's socket.
@@ -249,6 +262,7 @@ class Stream(asyncio.BufferedProtocol):
             return
         self.eof_sent = True
         if self.transport.can_write_eof():
+            self._fin_sent = True
             self.transport.write_eof()
 
     def pause_reading(self) -> None:
@@ -295,6 +309,36 @@ class Stream(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         """Flush what is buffered, then close."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def close_lingering(self, seconds: float = LINGER_SECONDS) -> None:
+        """Close after a refusal without losing the answer just written.
+
+        Closing a socket with unread input makes the kernel send a reset,
+        which can destroy what is still on its way to the peer: a 404, an
+        error frame. So: flush, end our side (close_notify first under TLS,
+        then a FIN), read and drop whatever the peer still sends, and close
+        at its FIN or after ``seconds``.
+        """
+        transport = self.transport
+        if transport is None or self.closed or transport.is_closing():
+            self.close()
+            return
+        self.write_eof()
+        if not self._fin_sent and self._may_send_fin() and transport.can_write_eof():
+            self._fin_sent = True
+            transport.write_eof()
+        self._lingering = asyncio.get_running_loop().call_later(seconds, self._linger_expired)
+        self._paused = False
+        if not self._yielding:
+            transport.resume_reading()
+
+    def _may_send_fin(self) -> bool:
+        """Whether everything of ours that must precede the FIN has been written."""
+        return True
+
+    def _linger_expired(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
@@ -455,6 +499,8 @@ class TlsStream(Stream):
         return sock
 
     def eof_received(self) -> bool:
+        if self._lingering is not None:
+            return False
         if not self.handshake_done:
             self._fail_handshake(ConnectionResetError("peer closed during the TLS handshake"))
             return False
@@ -567,6 +613,9 @@ class TlsStream(Stream):
         if self._incoming.pending:
             self._read_records()
         self._send_close_notify()
+
+    def _may_send_fin(self) -> bool:
+        return not self._eof_deferred  # close_notify still to come
 
     def _send_close_notify(self) -> None:
         # Sends close_notify; reading goes on until the peer's own (TLS 1.3 half-close).

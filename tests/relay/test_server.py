@@ -315,6 +315,21 @@ def test_unknown_label_gets_404(live: Live) -> None:
     assert out.stdout.endswith("\r\n\r\n" + NOT_FOUND_BODY)
 
 
+def test_unknown_label_gets_404_while_the_visitor_is_still_sending(
+    live: Live, tmp_path: Path
+) -> None:
+    """A webhook POSTing 64 MiB to a dead URL reads the 404, not a reset: the relay drops
+    the body it will never use instead of closing on it (which resets the connection)."""
+    body = tmp_path / "body"
+    body.write_bytes(random.Random(5).randbytes(64 * 1024 * 1024))
+    url = f"https://{UNKNOWN_HOST}:{live.relay.port}/hook"
+    # "Expect:" makes curl send the body at once instead of waiting for a 100.
+    out = curl(live.relay, url, "-i", "-H", "Expect:", "--data-binary", f"@{body}")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("HTTP/1.1 404 Not Found\r\n")
+    assert out.stdout.endswith("\r\n\r\n" + NOT_FOUND_BODY)
+
+
 def test_label_that_is_not_a_burrow_label_gets_404(live: Live) -> None:
     out = curl(live.relay, f"https://not-a-label.{DOMAIN}:{live.relay.port}/", "-i")
     assert out.returncode == 0, out.stderr
@@ -423,6 +438,18 @@ def test_control_bad_first_frame(live: Live, name: str) -> None:
     with control_probe(live.relay) as probe:
         probe.send(BAD_FIRST_FRAMES[name])
         assert error_then_close(probe)["code"] == protocol.CODE_PROTOCOL
+
+
+@pytest.mark.parametrize("probe_of", ["control", "data"])
+def test_refused_peer_that_keeps_sending_still_reads_the_error(live: Live, probe_of: str) -> None:
+    """The relay reads and drops what a refused peer still sends, then closes cleanly;
+    closing on unread input would reset the connection and destroy the error frame."""
+    opener = control_probe if probe_of == "control" else data_probe
+    with opener(live.relay) as probe:
+        probe.send(BAD_FIRST_FRAMES["unknown-type"] + b"\0" * (4 * 1024 * 1024))
+        data, how = probe.read_until_closed()
+    assert how != "reset"
+    assert parse_frames(data)[0]["code"] == protocol.CODE_PROTOCOL
 
 
 def test_control_attach_is_the_wrong_first_message(live: Live) -> None:

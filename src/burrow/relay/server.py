@@ -376,7 +376,7 @@ class Relay:
                 stream.resume_reading()
                 if stream.alpn != "h2":  # an HTTP/1.1 answer would be garbage to h2
                     stream.write(FORBIDDEN_REPLY)
-                stream.close()
+                stream.close_lingering()
                 return
             self._spawn(self.serve_visitor(tunnel, stream))
             return
@@ -391,7 +391,7 @@ class Relay:
         else:
             stream.resume_reading()
             stream.write(NOT_FOUND_REPLY)
-            stream.close()
+            stream.close_lingering()
 
     # -- agents ---------------------------------------------------------------
 
@@ -401,9 +401,9 @@ class Relay:
         except (TimeoutError, RemoteProtocolError, ConnectionError) as exc:
             log.info("agent %s: no valid first frame: %s", channel.stream.peername, exc)
             if isinstance(exc, RemoteProtocolError):
-                with contextlib.suppress(LocalProtocolError):
-                    channel.send(protocol.Error(code=protocol.CODE_PROTOCOL, message=str(exc)))
-            channel.close()
+                channel.refuse(protocol.Error(code=protocol.CODE_PROTOCOL, message=str(exc)))
+            else:
+                channel.close()
             return None
         if message is None:  # closed (or close_notify) before saying anything
             channel.close()
@@ -419,8 +419,7 @@ class Relay:
 
         def refuse(code: str, message: str) -> None:
             log.warning("agent %s refused: %s", stream.peername, message)
-            channel.send(protocol.Error(code=code, message=message))
-            channel.close()
+            channel.refuse(protocol.Error(code=code, message=message))
 
         if hello.version != protocol.PROTOCOL_VERSION:
             refuse(
@@ -475,12 +474,11 @@ class Relay:
         session = self.sessions.get(attach.session)
         if session is None or not hmac.compare_digest(attach.key.encode(), session.key.encode()):
             log.warning("data connection from %s refused: bad attach", stream.peername)
-            channel.send(
+            channel.refuse(
                 protocol.Error(
                     code=protocol.CODE_BAD_ATTACH, message="unknown session or wrong key"
                 )
             )
-            channel.close()
             return
         if channel.has_pending():
             # Bytes behind attach: the agent may not speak before bind.
