@@ -8,6 +8,7 @@ data connection and the agent's splice to the local server, and back.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import socket
 import ssl
@@ -28,7 +29,7 @@ from backends import (
     tcp_echo_server,
     websocket_echo_server,
 )
-from harness import RelayHarness
+from harness import RelayHarness, wait_until
 
 import burrow
 from burrow import names
@@ -128,6 +129,44 @@ def test_curl_fetches_a_page(relay: RelayHarness) -> None:
         file = curl(relay, "--fail", tunnel.url + "/hello.txt")
         assert file.returncode == 0, file.stderr
         assert file.stdout == "hello through burrow\n"
+
+
+def _streams_alive() -> int:
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, Stream))
+
+
+def test_finished_streams_are_freed_without_the_collector(relay: RelayHarness) -> None:
+    """A finished visitor's streams, at the relay and at the agent, go as soon as their
+    connections close: a reference cycle (stream and splice, stream and its handshake
+    timer) kept each one, with its OpenSSL state, until the collector's next full pass,
+    and relay RSS grew from 43 to 323 MiB over ten bursts of 1,000 visitors."""
+    visits = 20
+    with (
+        http_server() as server,
+        burrow.forward(server.port, unencrypted=True, client=relay.client()) as tunnel,
+    ):
+        assert curl(relay, "--fail", tunnel.url + "/").returncode == 0  # the pool is warm
+        gc.collect()
+        gc.disable()
+        try:
+            before = _streams_alive()
+            for _ in range(visits):
+                page = curl(relay, "--fail", tunnel.url + "/")
+                assert page.returncode == 0, page.stderr
+                address = ("127.0.0.1", tunnel.tcp_socket[1])
+                with socket.create_connection(address, timeout=CLIENT_TIMEOUT) as sock:
+                    sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                    assert server.marker.encode() in read_to_eof(sock)
+            # Each visit made 2 streams at the relay and 2 at the agent; the pool is
+            # refilled to its size, so what is left is a few more at most.
+            wait_until(
+                lambda: _streams_alive() - before < visits // 2,
+                f"the streams of {visits * 2} finished visits to be freed "
+                f"({_streams_alive() - before} more than before)",
+                seconds=15,
+            )
+        finally:
+            gc.enable()
 
 
 def test_curl_100_concurrent_requests(relay: RelayHarness, tmp_path: Path) -> None:

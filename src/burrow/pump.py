@@ -377,6 +377,10 @@ class KernelSplice(Splice):
     # -- on the event loop ------------------------------------------------------
 
     def _report_done(self) -> None:
+        # The flows refer back to this splice, and the splice thread is done with
+        # them: letting go frees splice, flows and streams by reference counting.
+        self._flows = []
+        self._socks = []
         if self.done:
             return
         self.done = True
