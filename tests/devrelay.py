@@ -30,10 +30,15 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout: float = 15) -> None:
-    """SIGINT, then SIGKILL if it has not ended after ``timeout`` seconds."""
+def stop(
+    proc: subprocess.Popen[bytes] | subprocess.Popen[str],
+    timeout: float = 15,
+    sig: int = signal.SIGINT,
+) -> None:
+    """``sig`` (Ctrl-C's SIGINT unless told), then SIGKILL if it has not ended after
+    ``timeout`` seconds."""
     if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

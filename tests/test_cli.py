@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,16 +11,9 @@ from pathlib import Path
 
 import pytest
 from backends import http_server
+from devrelay import BURROW, clean_env, stop
 
 from burrow.relay import dev
-
-BURROW = [sys.executable, "-m", "burrow"]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BURROW_")}
-    env.update(extra)
-    return env
 
 
 def _wait_for(
@@ -53,19 +44,13 @@ def _process(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, timeout=10)
 
 
 def test_dev_relay_writes_settings_and_forward_finds_it(tmp_path: Path) -> None:
     state = tmp_path / "state"
     env_file = tmp_path / "dev.env"
-    env = _env(BURROW_STATE_DIR=str(state))
+    env = clean_env(BURROW_STATE_DIR=str(state))
     with _process([*BURROW, "dev", "--port", "0", "--env-file", str(env_file)], env) as relay:
         _wait_for(lambda: (state / dev.PID_FILE).exists(), "the dev relay", relay)
         settings = dev.parse_env(env_file.read_text())
@@ -102,7 +87,7 @@ def test_dev_relay_writes_settings_and_forward_finds_it(tmp_path: Path) -> None:
 def test_forward_without_any_relay_explains_what_to_set(tmp_path: Path) -> None:
     result = subprocess.run(
         [*BURROW, "forward", "8000"],
-        env=_env(BURROW_STATE_DIR=str(tmp_path)),
+        env=clean_env(BURROW_STATE_DIR=str(tmp_path)),
         capture_output=True,
         text=True,
         timeout=30,
@@ -178,7 +163,7 @@ def test_token_keygen_mint_verify(tmp_path: Path) -> None:
 def test_relay_rejects_a_bad_tcp_range(bad: str) -> None:
     result = subprocess.run(
         [*BURROW, "dev", "--port", "0", "--tcp-ports", bad],
-        env=_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=30,
@@ -189,7 +174,7 @@ def test_relay_rejects_a_bad_tcp_range(bad: str) -> None:
 
 def test_demo_fetches_its_page_through_the_tunnel() -> None:
     result = subprocess.run(
-        [*BURROW, "demo"], env=_env(), capture_output=True, text=True, timeout=60
+        [*BURROW, "demo"], env=clean_env(), capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
     assert "-> 200" in result.stdout
@@ -225,7 +210,7 @@ except burrow.exception.InvalidError as exc:
 
 def test_run_makes_a_workload_whose_processes_forward_each_port_once(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    env = _env(BURROW_STATE_DIR=str(state))
+    env = clean_env(BURROW_STATE_DIR=str(state))
     with _process([*BURROW, "dev", "--port", "0"], env) as relay, http_server() as server:
         _wait_for(lambda: (state / dev.PID_FILE).exists(), "the dev relay", relay)
         out = subprocess.run(
@@ -247,7 +232,7 @@ def test_run_makes_a_workload_whose_processes_forward_each_port_once(tmp_path: P
 
 def test_run_passes_the_exit_code_and_a_workload_id(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    env = _env(BURROW_STATE_DIR=str(state))
+    env = clean_env(BURROW_STATE_DIR=str(state))
     with _process([*BURROW, "dev", "--port", "0"], env) as relay:
         _wait_for(lambda: (state / dev.PID_FILE).exists(), "the dev relay", relay)
         show = "import os; print(os.environ['BURROW_WORKLOAD'], os.environ['BURROW_RELAY'])"

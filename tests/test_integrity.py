@@ -20,28 +20,24 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
-import os
 import random
-import signal
 import socket
 import ssl
 import struct
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 import pytest
+from devrelay import BURROW, dev_relay, stop
 
-from burrow.relay import dev
 from burrow.stream import READ_SIZE, TLS_READ_SIZE, WRITE_HIGH_WATER
 
 MIB: Final = 1024 * 1024
-BURROW: Final = [sys.executable, "-m", "burrow"]
 
 # -- integrity ------------------------------------------------------------------------
 
@@ -275,84 +271,35 @@ class Tunnels:
             assert bad == [], f"{name}: {bad[:20]}"
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BURROW_")}
-    env.update(extra)
-    return env
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_for(predicate: Callable[[], bool], what: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while not predicate():
-        assert proc.poll() is None, f"the process ended before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 @contextlib.contextmanager
 def tunnel_processes(tmp: Path, local_port: int) -> Iterator[Tunnels]:
     """``burrow dev`` on a free port, and ``burrow forward local_port --tcp`` using it."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    state, env_file = tmp / "dev-state", tmp / "dev.env"
-    logs = {"relay": tmp / "relay.log", "agent": tmp / "agent.log"}
-    with logs["relay"].open("wb") as relay_log, logs["agent"].open("wb") as agent_log:
-        relay = subprocess.Popen(
-            [
-                *BURROW,
-                "dev",
-                "--port",
-                "0",
-                "--state-dir",
-                str(state),
-                "--env-file",
-                str(env_file),
-                "--log-level",
-                "warning",
-            ],
-            env=_env(BURROW_STATE_DIR=str(state)),
+    agent_log = tmp / "agent.log"
+    with dev_relay(tmp, "--log-level", "warning") as relay, agent_log.open("wb") as log:
+        agent = subprocess.Popen(
+            [*BURROW, "forward", str(local_port), "--tcp"],
+            env=relay.env(),
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=relay_log,
+            stdout=subprocess.PIPE,
+            stderr=log,
         )
         try:
-            _wait_for(lambda: (state / dev.PID_FILE).exists(), "the dev relay", relay)
-            settings = dev.parse_env(env_file.read_text())
-            agent = subprocess.Popen(
-                [*BURROW, "forward", str(local_port), "--tcp"],
-                env=_env(BURROW_STATE_DIR=str(tmp / "agent-state"), **settings),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=agent_log,
+            assert agent.stdout is not None
+            url = agent.stdout.readline().decode().strip()
+            tcp = agent.stdout.readline().decode().strip()
+            assert url.startswith("https://") and tcp.startswith("tcp://"), (url, tcp)
+            host, _, port = url.removeprefix("https://").rpartition(":")
+            yield Tunnels(
+                relay=relay.process,
+                agent=agent,
+                ca=relay.ca,
+                https_host=host,
+                https_port=int(port),
+                tcp_port=int(tcp.rpartition(":")[2]),
+                logs={"relay": relay.log, "agent": agent_log},
             )
-            try:
-                assert agent.stdout is not None
-                url = agent.stdout.readline().decode().strip()
-                tcp = agent.stdout.readline().decode().strip()
-                assert url.startswith("https://") and tcp.startswith("tcp://"), (url, tcp)
-                host, _, port = url.removeprefix("https://").rpartition(":")
-                yield Tunnels(
-                    relay=relay,
-                    agent=agent,
-                    ca=settings["BURROW_CA"],
-                    https_host=host,
-                    https_port=int(port),
-                    tcp_port=int(tcp.rpartition(":")[2]),
-                    logs=logs,
-                )
-            finally:
-                _stop(agent)
         finally:
-            _stop(relay)
+            stop(agent)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from backends import http_server, tcp_echo_server
+from devrelay import BURROW, stop
 from harness import wait_until
 
 import burrow
@@ -30,9 +31,7 @@ from burrow import names, tokens
 from burrow.relay import dev
 from burrow.relay.workers import Worker
 
-BURROW = [sys.executable, "-m", "burrow"]
 DOMAIN = "r1.localhost"
-
 
 
 def _children(pid: int) -> list[int]:
@@ -78,13 +77,7 @@ def dev_workers(tmp_path: Path, count: int = 2) -> Iterator[DevWorkers]:
         wait_until(lambda: env_file.exists() and len(_children(proc.pid)) == count, "workers")
         yield DevWorkers(proc, state, dev.parse_env(env_file.read_text()), log)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, sig=signal.SIGTERM)
 
 
 def _curl(url: str, ca: str, count: int) -> list[str]:
