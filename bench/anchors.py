@@ -354,7 +354,7 @@ def spread_tunnels(
     is busy across workers only when it carries many tunnels: this makes
     them, one ``burrow forward`` process (one session) each.
     """
-    from burrow import names
+    from burrow.wire import names
 
     env_file = state_dir / "env"
     relay_port = int(_read_env(env_file)["BURROW_RELAY"].rsplit(":", 1)[1])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from procs import HOST, BenchError, free_port, running, tail, wait_port
 
-from burrow import tls
+from burrow.net import tls
 
 DEV_DOMAIN = "r1.localhost"
 BIG_PATH = "/big"

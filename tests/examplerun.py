@@ -1,4 +1,4 @@
-"""The programs of ``examples/``, run as users run them, for the tests in tests/examples.
+"""The programs of ``examples/``, run as users run them, for the tests in tests/e2e/examples.
 
 An example runs in a session (process group) of its own, so that stopping it
 also stops what it started: uvicorn's worker, sshd.

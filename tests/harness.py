@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 import uvloop
 
 import burrow
-from burrow import tls, tokens
+from burrow import tokens
 from burrow.agent.client import runtime
+from burrow.net import tls
 from burrow.relay.config import RelayConfig
 from burrow.relay.server import Relay
 

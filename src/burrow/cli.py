@@ -17,10 +17,10 @@ from typing import Any
 
 import click
 
-from burrow import names, tokens
+from burrow import tokens
 from burrow.exception import Error
 from burrow.launch.cli import launch
-from burrow.limits import raise_open_file_limit
+from burrow.net.limits import raise_open_file_limit
 from burrow.relay import dev
 from burrow.relay.config import (
     DRAIN_TIMEOUT,
@@ -33,8 +33,9 @@ from burrow.relay.config import (
 )
 from burrow.relay.server import LISTEN_BACKLOG, Relay
 from burrow.relay.workers import Worker, bind_listeners, run_workers
-from burrow.sandbox_cli import sandbox_command
+from burrow.sandbox.cli import sandbox_command
 from burrow.stop import StopFlag
+from burrow.wire import names
 
 
 def _setup_logging(level: str) -> None:

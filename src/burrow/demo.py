@@ -21,10 +21,11 @@ from urllib.parse import urlsplit
 import click
 
 import burrow
-from burrow import names, tls
 from burrow.agent.client import runtime
+from burrow.net import tls
 from burrow.relay import dev
 from burrow.relay.server import Relay
+from burrow.wire import names
 
 PAGE = b"<!doctype html><title>burrow</title><h1>Hello from behind a burrow tunnel</h1>\n"
 

@@ -7,9 +7,9 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from burrow import ready
 from burrow._aio import dual_method
 from burrow.exception import InvalidError
+from burrow.net import ready
 
 
 @dataclass(frozen=True)

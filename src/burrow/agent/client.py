@@ -17,12 +17,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
-from burrow import allowlist
 from burrow.agent.session import AgentSession, Settings
 from burrow.exception import InvalidError
-from burrow.limits import raise_open_file_limit
+from burrow.net.limits import raise_open_file_limit
 from burrow.relay.dev import running_dev_env
 from burrow.tunnel import Tunnel
+from burrow.wire import allowlist
 
 T = TypeVar("T")
 

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from burrow import __version__, names, protocol, tls
-from burrow.channel import Channel
+from burrow import __version__
 from burrow.exception import (
     AuthError,
     ConnectionError,
@@ -29,9 +28,12 @@ from burrow.exception import (
     RelayError,
     RemoteProtocolError,
 )
-from burrow.pump import Splice, join
-from burrow.stream import Stream, TlsStream
+from burrow.net import tls
+from burrow.net.channel import Channel
+from burrow.net.splice import Splice, join
+from burrow.net.stream import Stream, TlsStream
 from burrow.tunnel import Tunnel
+from burrow.wire import names, protocol
 
 log = logging.getLogger("burrow.agent")
 
@@ -329,7 +331,7 @@ class AgentSession:
                     agent_tunnel.id,
                     protocol.Open(
                         id=agent_tunnel.id,
-                        port=agent_tunnel.local_port,
+                        local_port=agent_tunnel.local_port,
                         tcp=agent_tunnel.tcp,
                         h2=agent_tunnel.h2,
                         allow=agent_tunnel.allow,
@@ -420,7 +422,7 @@ class AgentSession:
         tunnel_id = self._next_id
         self._next_id += 1
         reply = await self._request(
-            tunnel_id, protocol.Open(id=tunnel_id, port=port, tcp=tcp, h2=h2, allow=allow)
+            tunnel_id, protocol.Open(id=tunnel_id, local_port=port, tcp=tcp, h2=h2, allow=allow)
         )
         if isinstance(reply, protocol.Error):
             if reply.code == protocol.CODE_PORT_FORWARDED:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from burrow import tls, tokens
+from burrow import tokens
+from burrow.net import tls
 from burrow.relay.config import RelayConfig
 
 DEV_DOMAIN: Final = "r1.localhost"

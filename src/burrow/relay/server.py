@@ -18,17 +18,19 @@ import socket
 import ssl
 from typing import Final
 
-from burrow import allowlist, names, protocol, tls, tokens
-from burrow.channel import Channel
+from burrow import tokens
 from burrow.exception import ConnectionError, LocalProtocolError, RemoteProtocolError
-from burrow.hello import ClientHello
-from burrow.pump import Splice, join
+from burrow.net import tls
+from burrow.net.channel import Channel
+from burrow.net.splice import Splice, join
+from burrow.net.stream import Stream, TlsStream
 from burrow.relay.config import POOL_WAIT_SECONDS, RelayConfig
 from burrow.relay.quota import TokenQuotas
 from burrow.relay.revocation import REVOCATION_CHECK_SECONDS, RevocationList
 from burrow.relay.session import RelayTunnel, Session
 from burrow.relay.workers import Worker
-from burrow.stream import Stream, TlsStream
+from burrow.wire import allowlist, names, protocol
+from burrow.wire.clienthello import ClientHello
 
 log = logging.getLogger("burrow.relay")
 
@@ -583,18 +585,18 @@ class Relay:
             label=label,
             host=f"{label}.{self.domain}",
             h2=message.h2,
-            local_port=message.port,
+            local_port=message.local_port,
             allow=allow,
         )
         self.routes[label] = tunnel
         if session.workload is not None:
             key = (session.claims.token_id, session.workload)
-            self._workload_ports.setdefault(key, {})[message.port] = tunnel
+            self._workload_ports.setdefault(key, {})[message.local_port] = tunnel
         log.info(
             "tunnel %s published for session %s (local port %d%s%s)",
             tunnel.host,
             session.id,
-            message.port,
+            message.local_port,
             ", tcp" if message.tcp else "",
             ", h2" if message.h2 else "",
         )

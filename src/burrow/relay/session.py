@@ -11,17 +11,17 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from burrow import allowlist, protocol
-from burrow.channel import Channel
 from burrow.exception import (
     ConnectionError,
     InvalidError,
     LocalProtocolError,
     RemoteProtocolError,
 )
-from burrow.pump import Splice
-from burrow.stream import Chunk, Stream
+from burrow.net.channel import Channel
+from burrow.net.splice import Splice
+from burrow.net.stream import Chunk, Stream
 from burrow.tokens import TokenClaims
+from burrow.wire import allowlist, protocol
 
 if TYPE_CHECKING:
     from burrow.relay.server import Relay
@@ -204,8 +204,8 @@ class Session:
                 # and not yet timed out) lets the name go to the new one.
                 log.info("session %s takes %s back from %s", self.id, held.host, held.session.id)
                 self.relay.unpublish(held)
-        if self.relay.port_holder(self, message.port) is not None:
-            refuse(protocol.CODE_PORT_FORWARDED, f"Port {message.port} is already forwarded")
+        if self.relay.port_holder(self, message.local_port) is not None:
+            refuse(protocol.CODE_PORT_FORWARDED, f"Port {message.local_port} is already forwarded")
             return
         tunnel = self.relay.new_tunnel(self, message, claimed[0], allow=allow)
         if message.tcp:

@@ -2,7 +2,7 @@
 
 A relay started with N workers forks N processes that share its listening
 sockets. Each label and session id has one owner, picked by hashing it
-(:func:`burrow.names.worker_of`), and each worker hands out only names it
+(:func:`burrow.wire.names.worker_of`), and each worker hands out only names it
 owns. A worker that accepts a connection meant for another reads the
 ClientHello's server name (before any TLS) and passes the socket, with the
 bytes it read, to the owner over a Unix socket. Workers share no other
@@ -24,7 +24,7 @@ from typing import Final
 log = logging.getLogger("burrow.relay")
 
 # A hand-off message: the bytes read so far (a ClientHello, capped by
-# burrow.hello) and one descriptor. Room for the largest hello and more.
+# burrow.wire.clienthello) and one descriptor. Room for the largest hello and more.
 HANDOFF_MAX_BYTES: Final = 64 * 1024
 
 # Queue of hand-offs one worker's inbox holds while that worker is busy;
