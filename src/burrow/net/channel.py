@@ -11,21 +11,25 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
+from collections.abc import Awaitable, Callable
 
 from burrow.exception import ConnectionError, LocalProtocolError, RemoteProtocolError
-from burrow.net.stream import Chunk, Stream
+from burrow.net.stream import BaseReceiver, Chunk, Stream
 from burrow.wire import protocol
 
 # Frames buffered but not yet taken before we stop reading the peer.
 MAX_QUEUED_MESSAGES = 256
 
 
-class Channel:
+class Channel(BaseReceiver):
     """One framed connection (control, or a data connection before its bind)."""
 
     def __init__(self, stream: Stream, connection: protocol.Connection) -> None:
         self.stream = stream
         self.connection = connection
+        # Told of every frame written, so that a busy connection sends no pings.
+        self.heartbeat: protocol.Heartbeat | None = None
         self._messages: collections.deque[protocol.Message] = collections.deque()
         self._error: BaseException | None = None
         self._eof = False
@@ -72,12 +76,6 @@ class Channel:
             self._error = ConnectionError(f"connection lost: {exc}")
         self._wake()
 
-    def on_pause_writing(self, stream: Stream) -> None:
-        pass
-
-    def on_resume_writing(self, stream: Stream) -> None:
-        pass
-
     def _spliced(self) -> bool:
         return self.connection.state is protocol.State.SPLICED
 
@@ -117,6 +115,8 @@ class Channel:
 
     def send(self, message: protocol.Message) -> None:
         self.stream.write(self.connection.send(message))
+        if self.heartbeat is not None:
+            self.heartbeat.sent(time.monotonic())
 
     def close(self) -> None:
         self.stream.close()
@@ -127,3 +127,42 @@ class Channel:
         with contextlib.suppress(LocalProtocolError):
             self.send(error)
         self.stream.close_lingering()
+
+
+Handler = Callable[[protocol.Message], Awaitable[None]]
+
+
+async def serve_control(channel: Channel, interval: float, handle: Handler) -> None:
+    """The loop of a control connection, the same on both sides.
+
+    Hands every message but the heartbeat's own to ``handle``, answers
+    pings, sends one whenever ``interval`` seconds pass with nothing
+    written, and returns when the peer closes. Raises
+    :class:`~burrow.wire.protocol.HeartbeatTimeout` when the peer falls
+    silent, :class:`RemoteProtocolError` on bad frames and
+    :class:`ConnectionError` when the connection is lost.
+    """
+    heartbeat = protocol.Heartbeat(interval, time.monotonic())
+    channel.heartbeat = heartbeat
+    try:
+        while True:
+            timeout = max(0.0, heartbeat.deadline() - time.monotonic())
+            try:
+                message = await asyncio.wait_for(channel.receive(), timeout)
+            except TimeoutError:
+                ping = heartbeat.poll(time.monotonic())
+                if ping is not None:
+                    channel.send(ping)
+                continue
+            if message is None:
+                return
+            heartbeat.received(time.monotonic())
+            match message:
+                case protocol.Ping(seq=seq):
+                    channel.send(protocol.Pong(seq=seq))
+                case protocol.Pong():
+                    pass
+                case _:
+                    await handle(message)
+    finally:
+        channel.heartbeat = None

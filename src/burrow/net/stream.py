@@ -78,7 +78,26 @@ class Receiver(Protocol):
     def on_resume_writing(self, stream: Stream) -> None: ...
 
 
-class _Unclaimed:
+class BaseReceiver:
+    """A receiver that ignores everything; subclasses override what they need."""
+
+    def on_data(self, stream: Stream, data: Chunk) -> None:
+        pass
+
+    def on_eof(self, stream: Stream) -> None:
+        pass
+
+    def on_close(self, stream: Stream, exc: BaseException | None) -> None:
+        pass
+
+    def on_pause_writing(self, stream: Stream) -> None:
+        pass
+
+    def on_resume_writing(self, stream: Stream) -> None:
+        pass
+
+
+class _Unclaimed(BaseReceiver):
     """Holds what arrives before anyone claims the stream."""
 
     def __init__(self) -> None:
@@ -95,30 +114,9 @@ class _Unclaimed:
     def on_close(self, stream: Stream, exc: BaseException | None) -> None:
         self.closed = (exc,)
 
-    def on_pause_writing(self, stream: Stream) -> None:
-        pass
 
-    def on_resume_writing(self, stream: Stream) -> None:
-        pass
-
-
-class _Gone:
+class _Gone(BaseReceiver):
     """The receiver of a stream whose connection is lost: drops everything."""
-
-    def on_data(self, stream: Stream, data: Chunk) -> None:
-        pass
-
-    def on_eof(self, stream: Stream) -> None:
-        pass
-
-    def on_close(self, stream: Stream, exc: BaseException | None) -> None:
-        pass
-
-    def on_pause_writing(self, stream: Stream) -> None:
-        pass
-
-    def on_resume_writing(self, stream: Stream) -> None:
-        pass
 
 
 _GONE: Final = _Gone()
