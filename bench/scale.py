@@ -234,7 +234,7 @@ async def main():
     sessions = []
     for token in tokens:
         client = burrow.Client(token=token)
-        sessions.append(await AgentSession.connect(client.settings()))
+        sessions.append(await AgentSession.connect(client.config()))
     print(json.dumps({"sessions": len(sessions)}), flush=True)
     await loop.run_in_executor(None, sys.stdin.readline)
     deadline = time.monotonic() + seconds

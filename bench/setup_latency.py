@@ -151,7 +151,7 @@ def cold(relay: rp.Relay, port: int, ctx: ssl.SSLContext, deadline: float) -> Sa
         token = relay.mint(f"cold-{i}")
         client = burrow.Client(relay=relay.env["BURROW_RELAY"], token=token, ca=relay.ca)
         handle = timed_forward(port, client, ctx, samples)
-        agent_client.runtime.run(_drop_session(handle.settings))
+        agent_client.runtime.run(_drop_session(handle.config))
 
     run_loop(deadline, SAMPLES, one)
     return samples

@@ -521,12 +521,12 @@ def run_command(command: tuple[str, ...]) -> None:
     from burrow.agent import client
 
     try:
-        settings = client.Client().settings()
+        config = client.Client().config()
     except Error as exc:
         raise click.ClickException(str(exc)) from exc
     # A `burrow run` inside a workload stays part of it.
-    workload = settings.workload or secrets.token_urlsafe(16)
-    env = client.workload_env(dataclasses.replace(settings, workload=workload))
+    workload = config.workload or secrets.token_urlsafe(16)
+    env = client.workload_env(dataclasses.replace(config, workload=workload))
     try:
         proc = subprocess.Popen(list(command), env=env)
     except OSError as exc:

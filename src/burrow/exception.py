@@ -2,6 +2,11 @@
 
 Names follow Modal's ``modal.exception`` so that code written for
 ``modal.forward`` catches the same things here.
+
+Every error says whether a retry can help: :attr:`Error.retryable` is true
+when the same call, made again later with nothing changed, may succeed (the
+relay was unreachable, or is restarting). Loops that retry (the agent's
+connect and reconnect) read that attribute and nothing else.
 """
 
 from __future__ import annotations
@@ -9,6 +14,13 @@ from __future__ import annotations
 
 class Error(Exception):
     """Base class of every error burrow raises on purpose."""
+
+    retryable: bool = False
+    """Whether trying the same thing again later, unchanged, may succeed.
+
+    False unless a subclass or the raiser says otherwise: a refused token, a
+    bad argument or a relay's refusal stay what they are until someone
+    changes something."""
 
 
 class InvalidError(Error):
@@ -20,7 +32,16 @@ class AuthError(Error):
 
 
 class ConnectionError(Error):
-    """The relay could not be reached, or the connection to it was lost."""
+    """The relay could not be reached, or the connection to it was lost.
+
+    Retryable unless raised with ``retryable=False`` (a relay certificate we
+    do not trust stays untrusted however often we dial)."""
+
+    retryable = True
+
+    def __init__(self, *args: object, retryable: bool = True) -> None:
+        super().__init__(*args)
+        self.retryable = retryable
 
 
 class TimeoutError(Error):
@@ -28,12 +49,16 @@ class TimeoutError(Error):
 
 
 class RelayError(Error):
-    """The relay answered, but refused the request; ``code`` says why."""
+    """The relay answered, but refused the request; ``code`` says why.
 
-    def __init__(self, code: str, message: str) -> None:
+    ``retryable`` is set from the code by :func:`burrow.agent.errors.from_wire`
+    (``shutting-down`` is; the others are not)."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retryable = retryable
 
 
 class NotReadyError(TimeoutError):

@@ -261,7 +261,7 @@ def test_second_tunnel_costs_one_round_trip(
 ) -> None:
     client = relay.client()
     with http_server() as a, http_server() as b, burrow.forward(a.port, client=client):
-        session = client_module.runtime._sessions[client.settings()]
+        session = client_module.runtime._sessions[client.config()]
         sessions_before = relay.call(_count_sessions(relay))
 
         sent: list[protocol.Message] = []
@@ -285,7 +285,7 @@ def test_second_tunnel_costs_one_round_trip(
             assert [type(m) for m in requests] == [protocol.Open]
             assert control_connections == []
             assert relay.call(_count_sessions(relay)) == sessions_before
-            assert client_module.runtime._sessions[client.settings()] is session
+            assert client_module.runtime._sessions[client.config()] is session
             assert b.marker in curl_ok(relay, tunnel.url)
 
 

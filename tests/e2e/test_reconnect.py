@@ -24,7 +24,7 @@ from harness import RelayHarness, run_relay, wait_until
 
 import burrow
 from burrow.agent.client import runtime
-from burrow.agent.session import AgentSession, Settings
+from burrow.agent.session import AgentConfig, AgentSession
 from burrow.relay import dev
 from burrow.wire import protocol
 
@@ -207,8 +207,8 @@ def test_an_agent_that_dies_frees_its_names_and_ports(tmp_path: Path) -> None:
 # -- claims, in one relay -----------------------------------------------------------
 
 
-def _session(settings: Settings) -> AgentSession:
-    return runtime.run(AgentSession.connect(settings))
+def _session(config: AgentConfig) -> AgentSession:
+    return runtime.run(AgentSession.connect(config))
 
 
 def _reclaim(session: AgentSession, claim: str) -> protocol.Message:
@@ -218,10 +218,10 @@ def _reclaim(session: AgentSession, claim: str) -> protocol.Message:
 
 def test_a_claim_moves_a_name_to_a_new_session_of_the_same_token_only(tmp_path: Path) -> None:
     with run_relay(tmp_path / "relay") as relay:
-        first = _session(Settings(relay=relay.address, token=relay.token, ca=relay.ca))
-        # Another Settings value (plain_data differs) is another session, same token.
-        second = _session(Settings(relay.address, relay.token, relay.ca, plain_data=True))
-        thief = _session(Settings(relay.address, relay.mint("someone-else"), relay.ca))
+        first = _session(AgentConfig(relay=relay.address, token=relay.token, ca=relay.ca))
+        # Another AgentConfig value (plain_data differs) is another session, same token.
+        second = _session(AgentConfig(relay.address, relay.token, relay.ca, plain_data=True))
+        thief = _session(AgentConfig(relay.address, relay.mint("someone-else"), relay.ca))
         try:
             tunnel = runtime.run(first.open_tunnel(8, tcp=True, h2=False))
             claim = next(iter(first.tunnels.values())).claim

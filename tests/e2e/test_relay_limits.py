@@ -19,16 +19,16 @@ from harness import RelayHarness, run_relay
 
 import burrow
 from burrow.agent.client import runtime
-from burrow.agent.session import AgentSession, Settings
+from burrow.agent.session import AgentConfig, AgentSession
 from burrow.exception import RelayError
 from burrow.net.limits import raise_open_file_limit
 from burrow.relay.quota import RateLimit, TokenQuotas
 
 
 def _session(relay: RelayHarness, token: str, variant: bool = False) -> AgentSession:
-    # Settings that differ (plain_data) make a second session of the same token.
-    settings = Settings(relay.address, token, relay.ca, plain_data=variant)
-    return runtime.run(AgentSession.connect(settings))
+    # Configurations that differ (plain_data) make a second session of the same token.
+    config = AgentConfig(relay.address, token, relay.ca, plain_data=variant)
+    return runtime.run(AgentSession.connect(config))
 
 
 @pytest.fixture

@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
-import threading
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
-from burrow.agent.session import AgentSession, Settings
+from burrow.agent.session import AgentConfig, AgentSession
 from burrow.exception import InvalidError
 from burrow.net.limits import raise_open_file_limit
+from burrow.net.loopthread import LoopThread
 from burrow.relay.dev import running_dev_env
 from burrow.tunnel import Tunnel
 from burrow.wire import allowlist
@@ -56,8 +56,9 @@ class Client:
     """The workload the tunnels belong to (``BURROW_WORKLOAD``): one forward
     per port across it. ``burrow.Sandbox`` forwards its ports under its own."""
 
-    def settings(self) -> Settings:
-        """Resolve the settings: arguments, then the environment, then a running ``burrow dev``."""
+    def config(self) -> AgentConfig:
+        """Resolve the agent's configuration: arguments, then the environment, then a
+        running ``burrow dev``."""
         env: dict[str, str] = dict(os.environ)
         if not (self.relay or env.get(ENV_RELAY)) and not (self.token or env.get(ENV_TOKEN)):
             env.update(running_dev_env() or {})
@@ -77,7 +78,7 @@ class Client:
         plain = self.plain_data
         if plain is None:
             plain = env.get(ENV_PLAIN_DATA, "").strip().lower() in ("1", "true", "yes")
-        return Settings(
+        return AgentConfig(
             relay=relay,
             token=token.strip(),
             ca=Path(ca) if ca else None,
@@ -86,18 +87,18 @@ class Client:
         )
 
 
-def workload_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def workload_env(config: AgentConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """``base`` (default: this process's environment) plus the variables that
-    let ``burrow.forward()`` inside a workload reach the relay as ``settings`` do."""
+    let ``burrow.forward()`` inside a workload reach the relay as ``config`` does."""
     env = dict(os.environ if base is None else base)
-    env[ENV_RELAY] = settings.relay
-    env[ENV_TOKEN] = settings.token
-    if settings.ca is not None:
-        env[ENV_CA] = str(settings.ca)
-    if settings.plain_data:
+    env[ENV_RELAY] = config.relay
+    env[ENV_TOKEN] = config.token
+    if config.ca is not None:
+        env[ENV_CA] = str(config.ca)
+    if config.plain_data:
         env[ENV_PLAIN_DATA] = "1"
-    if settings.workload is not None:
-        env[ENV_WORKLOAD] = settings.workload
+    if config.workload is not None:
+        env[ENV_WORKLOAD] = config.workload
     return env
 
 
@@ -105,78 +106,52 @@ class _Runtime:
     """The background thread and event loop that every tunnel of the process shares."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._sessions: dict[Settings, AgentSession] = {}
-        self._session_locks: dict[Settings, asyncio.Lock] = {}
+        self._thread = LoopThread("burrow-agent")
+        self._sessions: dict[AgentConfig, AgentSession] = {}
+        self._session_locks: dict[AgentConfig, asyncio.Lock] = {}
         # Local ports with a live forward() in this process (touched on the agent loop only).
         self.forwarded_ports: set[int] = set()
 
     def loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._loop is None or self._loop.is_closed():
-                ready = threading.Event()
-                holder: list[asyncio.AbstractEventLoop] = []
-
-                def run() -> None:
-                    loop = _new_event_loop()
-                    asyncio.set_event_loop(loop)
-                    holder.append(loop)
-                    ready.set()
-                    loop.run_forever()
-
-                raise_open_file_limit()
-                thread = threading.Thread(target=run, name="burrow-agent", daemon=True)
-                thread.start()
-                ready.wait()
-                self._loop = holder[0]
-            return self._loop
+        """The agent loop, started (with the open-file limit raised) on first use."""
+        if self._thread.thread is None:
+            raise_open_file_limit()
+        return self._thread.loop
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop())
+        self.loop()
+        return self._thread.submit(coro)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the agent loop and wait for it from a plain thread."""
-        loop = self.loop()
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
+        if self._thread.in_loop_thread():
+            coro.close()
             raise InvalidError("burrow's blocking API cannot be called from its own event loop")
         return self.submit(coro).result()
 
-    async def session(self, settings: Settings) -> AgentSession:
-        """The live session for these settings, connecting one if needed (on the agent loop)."""
-        lock = self._session_locks.setdefault(settings, asyncio.Lock())
+    async def session(self, config: AgentConfig) -> AgentSession:
+        """The live session for this configuration, connecting one if needed (on the agent loop)."""
+        lock = self._session_locks.setdefault(config, asyncio.Lock())
         async with lock:
-            session = self._sessions.get(settings)
+            session = self._sessions.get(config)
             if session is None or session.closed:
-                session = await AgentSession.connect(settings)
-                self._sessions[settings] = session
+                session = await AgentSession.connect(config)
+                self._sessions[config] = session
             return session
 
-    async def close_session(self, settings: Settings) -> None:
-        """End the session for exactly these settings, if there is one (on the agent loop)."""
-        session = self._sessions.pop(settings, None)
-        self._session_locks.pop(settings, None)
+    async def close_session(self, config: AgentConfig) -> None:
+        """End the session for exactly this configuration, if there is one (on the agent loop)."""
+        session = self._sessions.pop(config, None)
+        self._session_locks.pop(config, None)
         if session is not None:
             await session.close()
 
     async def close_all(self, relay: str | None = None) -> None:
         """End this process's sessions (with the relay at ``relay`` only, if given)."""
-        for settings, session in list(self._sessions.items()):
-            if relay is None or settings.relay == relay:
-                del self._sessions[settings]
+        for config, session in list(self._sessions.items()):
+            if relay is None or config.relay == relay:
+                del self._sessions[config]
                 await session.close()
-
-
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 runtime = _Runtime()
@@ -222,7 +197,7 @@ class forward:
             except InvalidError as exc:
                 raise InvalidError(f"inbound_cidr_allowlist: {exc}") from None
             self.allow = allowlist.to_wire(networks)
-        self.settings = (client or Client()).settings()
+        self.config = (client or Client()).config()
         self._tunnel: Tunnel | None = None
         self._session: AgentSession | None = None
 
@@ -232,7 +207,7 @@ class forward:
             raise InvalidError(f"Port {self.port} is already forwarded")
         runtime.forwarded_ports.add(self.port)
         try:
-            session = await runtime.session(self.settings)
+            session = await runtime.session(self.config)
             tunnel = await session.open_tunnel(
                 self.port, tcp=self.unencrypted, h2=self.h2_enabled, allow=self.allow
             )

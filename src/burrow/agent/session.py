@@ -20,18 +20,13 @@ from pathlib import Path
 from typing import Final
 
 from burrow import __version__
-from burrow.exception import (
-    AuthError,
-    ConnectionError,
-    InvalidError,
-    LocalProtocolError,
-    RelayError,
-    RemoteProtocolError,
-)
+from burrow.agent.errors import from_wire
+from burrow.exception import ConnectionError, Error, LocalProtocolError, RemoteProtocolError
 from burrow.net import tls
-from burrow.net.channel import Channel
+from burrow.net.channel import Channel, serve_control
 from burrow.net.splice import Splice, join
 from burrow.net.stream import Stream, TlsStream
+from burrow.net.tasks import TaskSet
 from burrow.tunnel import Tunnel
 from burrow.wire import names, protocol
 
@@ -71,7 +66,7 @@ LOCAL_HOSTS: Final = ("127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
-class Settings:
+class AgentConfig:
     """Where the relay is and how to prove who we are."""
 
     relay: str
@@ -112,19 +107,20 @@ class AgentTunnel:
 class AgentSession:
     """A live session with a relay; create with :meth:`connect`."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.host, self.port = settings.address
-        self._context = tls.client_context(settings.ca, [protocol.ALPN_CONTROL])
-        self._data_context = tls.client_context(settings.ca, [protocol.ALPN_DATA])
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.host, self.port = config.address
+        self._context = tls.client_context(config.ca, [protocol.ALPN_CONTROL])
+        self._data_context = tls.client_context(config.ca, [protocol.ALPN_DATA])
         self.tunnels: dict[int, AgentTunnel] = {}
         self._next_id = 1
         self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
         self._channel: Channel | None = None
         self._welcome: protocol.Welcome | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._reader: asyncio.Task[None] | None = None
-        self._fatal: BaseException | None = None
+        # Why the relay ended the session, when it is for good.
+        self._fatal: Error | None = None
         # Set while a control connection is up; new requests wait for it while
         # the session reconnects.
         self._connected = asyncio.Event()
@@ -132,26 +128,27 @@ class AgentSession:
         self.closed = False
 
     @classmethod
-    async def connect(cls, settings: Settings) -> AgentSession:
-        """Open a session, retrying a few times; raises AuthError or ConnectionError."""
-        session = cls(settings)
+    async def connect(cls, config: AgentConfig) -> AgentSession:
+        """Open a session, retrying a few times; raises AuthError, RelayError or ConnectionError."""
+        session = cls(config)
         delay = CONNECT_BACKOFF
         for attempt in range(1, CONNECT_ATTEMPTS + 1):
             try:
                 await session._handshake()
                 return session
-            except ConnectionError as exc:
-                # A certificate we do not trust will not change by trying again.
-                if attempt == CONNECT_ATTEMPTS or isinstance(
-                    exc.__cause__, ssl.SSLCertVerificationError
-                ):
+            except Error as exc:
+                if exc.retryable and attempt < CONNECT_ATTEMPTS:
+                    log.info("relay %s: %s; retrying in %.2fs", config.relay, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay *= 2
+                    continue
+                if isinstance(exc, ConnectionError):
                     raise ConnectionError(
-                        f"could not reach the burrow relay at {settings.relay} after "
-                        f"{CONNECT_ATTEMPTS} attempts: {exc}"
+                        f"could not reach the burrow relay at {config.relay} after "
+                        f"{CONNECT_ATTEMPTS} attempts: {exc}",
+                        retryable=exc.retryable,
                     ) from exc
-                log.info("relay %s: %s; retrying in %.2fs", settings.relay, exc, delay)
-                await asyncio.sleep(delay)
-                delay *= 2
+                raise
         raise AssertionError("unreachable")
 
     async def _dial(self, context: ssl.SSLContext, server_name: str | None = None) -> TlsStream:
@@ -181,8 +178,9 @@ class AgentSession:
             await handshake
         except ssl.SSLCertVerificationError as exc:
             raise ConnectionError(
-                f"the relay at {self.settings.relay} has a certificate we do not trust "
-                f"({exc.verify_message}); set BURROW_CA to its CA certificate"
+                f"the relay at {self.config.relay} has a certificate we do not trust "
+                f"({exc.verify_message}); set BURROW_CA to its CA certificate",
+                retryable=False,
             ) from exc
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
@@ -211,9 +209,9 @@ class AgentSession:
         channel.send(
             protocol.Hello(
                 version=protocol.PROTOCOL_VERSION,
-                token=self.settings.token,
+                token=self.config.token,
                 agent=f"burrow/{__version__}",
-                workload=self.settings.workload,
+                workload=self.config.workload,
             )
         )
         try:
@@ -223,58 +221,35 @@ class AgentSession:
             raise ConnectionError(f"the relay did not welcome us: {exc}") from exc
         if isinstance(reply, protocol.Error):
             channel.close()
-            if reply.code == protocol.CODE_AUTH:
-                raise AuthError(
-                    f"the relay at {self.settings.relay} refused the token: {reply.message}"
-                )
-            raise RelayError(reply.code, reply.message)
+            raise from_wire(reply, self.config.relay, "hello")
         if not isinstance(reply, protocol.Welcome):
             channel.close()
             raise ConnectionError("the relay closed the connection before welcoming us")
         self._channel = channel
         self._welcome = reply
         self._connected.set()
-        self._reader = asyncio.get_running_loop().create_task(self._read_control())
+        self._reader = asyncio.get_running_loop().create_task(
+            self._read_control(channel, reply.heartbeat)
+        )
         for _ in range(reply.pool):
-            self._spawn(self._serve_data_connection())
-        log.info("session %s with relay %s", reply.session, self.settings.relay)
+            self._tasks.spawn(self._serve_data_connection())
+        log.info("session %s with relay %s", reply.session, self.config.relay)
 
     @property
     def session_id(self) -> str | None:
         """The relay's id of the current session (it changes when the agent reconnects)."""
         return self._welcome.session if self._welcome is not None else None
 
-    def _spawn(self, coro: object) -> None:
-        assert asyncio.iscoroutine(coro)
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     # -- control connection -----------------------------------------------
 
-    async def _read_control(self) -> None:
-        assert self._channel is not None and self._welcome is not None
-        channel = self._channel
-        heartbeat = protocol.Heartbeat(self._welcome.heartbeat, time.monotonic())
+    async def _read_control(self, channel: Channel, interval: float) -> None:
         reason: BaseException = ConnectionError(
-            f"the relay at {self.settings.relay} closed the session"
+            f"the relay at {self.config.relay} closed the session"
         )
         try:
-            while True:
-                timeout = max(0.0, heartbeat.deadline() - time.monotonic())
-                try:
-                    message = await asyncio.wait_for(channel.receive(), timeout)
-                except TimeoutError:
-                    ping = heartbeat.poll(time.monotonic())
-                    if ping is not None:
-                        channel.send(ping)
-                    continue
-                if message is None:
-                    break
-                heartbeat.received(time.monotonic())
-                self._handle(message)
+            await serve_control(channel, interval, self._handle)
         except (RemoteProtocolError, ConnectionError) as exc:
-            reason = ConnectionError(f"session with {self.settings.relay} lost: {exc}")
+            reason = ConnectionError(f"session with {self.config.relay} lost: {exc}")
         finally:
             if self.closed or self._fatal is not None or self._channel is not channel:
                 self._end(self._fatal or reason)
@@ -292,7 +267,7 @@ class AgentSession:
             if not future.done():
                 future.set_exception(reason)
         self._pending.clear()
-        self._spawn(self._reconnect())
+        self._tasks.spawn(self._reconnect())
 
     async def _reconnect(self) -> None:
         assert self._welcome is not None
@@ -304,20 +279,17 @@ class AgentSession:
             await asyncio.sleep(delay * jitter)
             try:
                 await self._handshake(resume)
-            except (ConnectionError, RelayError) as exc:
-                if isinstance(exc, RelayError) and exc.code != protocol.CODE_SHUTTING_DOWN:
+            except Error as exc:
+                if not exc.retryable:
+                    log.error("relay %s: %s; giving up the session", self.config.relay, exc)
                     self._end(exc)
                     return
                 cap = RECONNECT_MAX_DELAY
                 if time.monotonic() - started > RECONNECT_PATIENCE:
                     cap = RECONNECT_SLOW_DELAY
                 delay = min(delay * 2, cap)
-                log.info("relay %s: %s; trying again in %.1fs", self.settings.relay, exc, delay)
+                log.info("relay %s: %s; trying again in %.1fs", self.config.relay, exc, delay)
                 continue
-            except AuthError as exc:
-                log.error("relay %s refused the token again: %s", self.settings.relay, exc)
-                self._end(exc)
-                return
             self.reconnects += 1
             await self._reopen_tunnels()
             return
@@ -355,20 +327,18 @@ class AgentSession:
             if isinstance(reply, protocol.Opened):
                 with contextlib.suppress(ConnectionError):
                     await self._request(agent_tunnel.id, protocol.Close(id=agent_tunnel.id))
-        log.info("session with %s resumed: %d tunnels", self.settings.relay, len(self.tunnels))
+        log.info("session with %s resumed: %d tunnels", self.config.relay, len(self.tunnels))
 
-    def _handle(self, message: protocol.Message) -> None:
+    async def _handle(self, message: protocol.Message) -> None:
+        """One message on the control connection (pings are answered before this)."""
         match message:
             case protocol.Opened(id=tunnel_id) | protocol.Closed(id=tunnel_id):
                 self._resolve(tunnel_id, message)
             case protocol.Error(id=None):
                 log.warning("relay ended the session: %s (%s)", message.message, message.code)
-                if message.code == protocol.CODE_AUTH:  # the token was revoked meanwhile
-                    self._fatal = AuthError(
-                        f"the relay at {self.settings.relay} ended the session: {message.message}"
-                    )
-                elif message.code != protocol.CODE_SHUTTING_DOWN:
-                    self._fatal = RelayError(message.code, message.message)
+                error = from_wire(message, self.config.relay, "session")
+                if not error.retryable:  # else the session is lost and comes back
+                    self._fatal = error
                 if self._channel is not None:
                     self._channel.close()
             case protocol.Error(id=int(tunnel_id)):
@@ -376,9 +346,7 @@ class AgentSession:
             case protocol.Dial(count=count):
                 log.debug("relay asks for %d data connections", count)
                 for _ in range(min(count, 64)):
-                    self._spawn(self._serve_data_connection())
-            case protocol.Ping(seq=seq):
-                self._send(protocol.Pong(seq=seq))
+                    self._tasks.spawn(self._serve_data_connection())
             case _:
                 pass
 
@@ -389,7 +357,7 @@ class AgentSession:
 
     def _send(self, message: protocol.Message) -> None:
         if self._channel is None or self.closed:
-            raise ConnectionError(f"the session with {self.settings.relay} is closed")
+            raise ConnectionError(f"the session with {self.config.relay} is closed")
         try:
             self._channel.send(message)
         except LocalProtocolError as exc:  # pragma: no cover - a bug in burrow
@@ -401,7 +369,7 @@ class AgentSession:
                 await asyncio.wait_for(self._connected.wait(), REPLY_TIMEOUT)
             except TimeoutError as exc:
                 raise ConnectionError(
-                    f"the relay at {self.settings.relay} is unreachable; still trying"
+                    f"the relay at {self.config.relay} is unreachable; still trying"
                 ) from exc
         future: asyncio.Future[protocol.Message] = asyncio.get_running_loop().create_future()
         self._pending[tunnel_id] = future
@@ -409,7 +377,7 @@ class AgentSession:
         try:
             return await asyncio.wait_for(future, REPLY_TIMEOUT)
         except TimeoutError as exc:
-            raise ConnectionError(f"the relay at {self.settings.relay} did not answer") from exc
+            raise ConnectionError(f"the relay at {self.config.relay} did not answer") from exc
         finally:
             self._pending.pop(tunnel_id, None)
 
@@ -425,9 +393,7 @@ class AgentSession:
             tunnel_id, protocol.Open(id=tunnel_id, local_port=port, tcp=tcp, h2=h2, allow=allow)
         )
         if isinstance(reply, protocol.Error):
-            if reply.code == protocol.CODE_PORT_FORWARDED:
-                raise InvalidError(reply.message)
-            raise RelayError(reply.code, f"the relay refused to open a tunnel: {reply.message}")
+            raise from_wire(reply, self.config.relay, "open")
         assert isinstance(reply, protocol.Opened)
         tunnel = Tunnel(
             host=reply.host,
@@ -471,9 +437,9 @@ class AgentSession:
         try:
             stream = await self._dial_data()
         except ConnectionError as exc:
-            log.warning("data connection to %s failed: %s", self.settings.relay, exc)
+            log.warning("data connection to %s failed: %s", self.config.relay, exc)
             return
-        log.debug("data connection to %s up", self.settings.relay)
+        log.debug("data connection to %s up", self.config.relay)
         channel = Channel(stream, protocol.Connection(protocol.Kind.DATA, protocol.Role.AGENT))
         channel.send(protocol.Attach(session=self._welcome.session, key=self._welcome.key))
         try:
@@ -513,7 +479,7 @@ class AgentSession:
         """A data connection: TLS, or plain TCP where both sides agreed to it."""
         assert self._welcome is not None
         plain_port = self._welcome.plain_port
-        if not (self.settings.plain_data and plain_port):
+        if not (self.config.plain_data and plain_port):
             return await self._dial(self._data_context, self._welcome.data_name)
         host = names.resolve_host(self.host)
         try:
@@ -553,8 +519,7 @@ class AgentSession:
         self.tunnels.clear()
         if self._channel is not None:
             self._channel.close()
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
 
     async def close(self) -> None:
         self._end(ConnectionError("the session was closed"))

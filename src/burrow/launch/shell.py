@@ -436,7 +436,7 @@ def run_shell(options: ShellOptions, echo: Callable[[str], None]) -> int:
         raise InvalidError(f"cannot run {argv[0]!r}: not found or not executable")
     if options.cwd is not None and not options.cwd.is_dir():
         raise InvalidError(f"--cwd {options.cwd} is not a directory")
-    (options.client or Client()).settings()  # no relay: say so before serving anything
+    (options.client or Client()).config()  # no relay: say so before serving anything
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -31,7 +31,7 @@ from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 from burrow._aio import dual_method
 from burrow.agent.client import Client, forward, runtime, workload_env
-from burrow.agent.session import Settings
+from burrow.agent.session import AgentConfig
 from burrow.exception import (
     Error,
     InvalidError,
@@ -526,8 +526,8 @@ class Sandbox:
         self._timeout = float(timeout)
         self._ports = ports
         self._allow = inbound_cidr_allowlist
-        base = (client or Client()).settings()
-        self._settings: Settings = replace(base, workload=self.object_id)
+        base = (client or Client()).config()
+        self._settings: AgentConfig = replace(base, workload=self.object_id)
         self._tunnels: dict[int, Tunnel] = {}
         self._forwards: list[forward] = []
         self._error: BaseException | None = None
