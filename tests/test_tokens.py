@@ -21,7 +21,7 @@ from burrow.exception import AuthError, InvalidError
 from burrow.tokens import (
     MAX_TOKEN_LENGTH,
     TOKEN_ISSUER,
-    TokenClaims,
+    TokenGrant,
     TokenError,
     append_revocation,
     generate_signing_key,
@@ -58,10 +58,10 @@ def signed(header: Any, payload: Any, key: Ed25519PrivateKey = KEY) -> str:
     return f"{head}.{body}.{b64(key.sign(f'{head}.{body}'.encode()))}"
 
 
-def good_claims(**changes: Any) -> dict[str, Any]:
-    claims: dict[str, Any] = {"iss": TOKEN_ISSUER, "sub": "ci", "iat": NOW, "jti": "abc"}
-    claims.update(changes)
-    return {k: v for k, v in claims.items() if v is not None}
+def good_payload(**changes: Any) -> dict[str, Any]:
+    payload: dict[str, Any] = {"iss": TOKEN_ISSUER, "sub": "ci", "iat": NOW, "jti": "abc"}
+    payload.update(changes)
+    return {k: v for k, v in payload.items() if v is not None}
 
 
 def reason_of(token: Any, **kwargs: Any) -> str:
@@ -75,15 +75,15 @@ def reason_of(token: Any, **kwargs: Any) -> str:
 
 def test_mint_and_verify() -> None:
     token = mint(KEY, subject="alice", ttl_seconds=3600, max_tunnels=5, now=NOW)
-    claims = verify(token, PUBLIC, now=NOW + 10)
-    assert claims == TokenClaims(
+    grant = verify(token, PUBLIC, now=NOW + 10)
+    assert grant == TokenGrant(
         subject="alice",
-        token_id=claims.token_id,
+        token_id=grant.token_id,
         issued_at=NOW,
         expires_at=NOW + 3600,
         max_tunnels=5,
     )
-    assert len(claims.token_id) == 16  # token_urlsafe(12)
+    assert len(grant.token_id) == 16  # token_urlsafe(12)
 
 
 def test_token_payload_is_what_the_docs_say() -> None:
@@ -100,9 +100,9 @@ def test_token_payload_is_what_the_docs_say() -> None:
 def test_token_without_expiry_or_limit() -> None:
     token = mint(KEY, subject="bob", ttl_seconds=None, now=NOW)
     assert "exp" not in json.loads(unb64(token.split(".")[1]))
-    claims = verify(token, PUBLIC, now=NOW + 100 * 365 * 86400)
-    assert claims.expires_at is None
-    assert claims.max_tunnels is None
+    grant = verify(token, PUBLIC, now=NOW + 100 * 365 * 86400)
+    assert grant.expires_at is None
+    assert grant.max_tunnels is None
 
 
 def test_token_ids_differ() -> None:
@@ -193,7 +193,7 @@ def test_signed_by_another_key() -> None:
 def test_alg_none_forgery() -> None:
     for alg in ("none", "None", "NONE"):
         head = b64(json.dumps({"alg": alg, "typ": "JWT"}).encode())
-        body = b64(json.dumps(good_claims()).encode())
+        body = b64(json.dumps(good_payload()).encode())
         assert reason_of(f"{head}.{body}.", now=NOW) == "bad-signature"
 
 
@@ -208,7 +208,7 @@ def test_alg_none_forgery() -> None:
 def test_hmac_with_public_key_forgery(secret: bytes, alg: str) -> None:
     digest = hashlib.sha256 if alg == "HS256" else hashlib.sha512
     head = b64(json.dumps({"alg": alg, "typ": "JWT"}).encode())
-    body = b64(json.dumps(good_claims()).encode())
+    body = b64(json.dumps(good_payload()).encode())
     mac = hmac.new(secret, f"{head}.{body}".encode(), digest).digest()
     assert reason_of(f"{head}.{body}.{b64(mac)}", now=NOW) == "bad-signature"
 
@@ -217,7 +217,7 @@ def test_other_algorithm_with_a_real_signature_is_refused() -> None:
     ec_key = ec.generate_private_key(ec.SECP256R1())
     import jwt
 
-    token = jwt.encode(good_claims(), ec_key, algorithm="ES256")
+    token = jwt.encode(good_payload(), ec_key, algorithm="ES256")
     assert reason_of(token, now=NOW) == "bad-signature"
 
 
@@ -226,32 +226,32 @@ def test_other_algorithm_with_a_real_signature_is_refused() -> None:
 
 def test_control_token_built_by_hand_verifies() -> None:
     # Guards the helpers below: a hand-built good token must pass, so that
-    # the failures in the next tests are about the claims only.
-    claims = verify(signed({"alg": "EdDSA"}, good_claims()), PUBLIC, now=NOW)
-    assert claims.subject == "ci"
+    # the failures in the next tests are about the payload only.
+    grant = verify(signed({"alg": "EdDSA"}, good_payload()), PUBLIC, now=NOW)
+    assert grant.subject == "ci"
 
 
 @pytest.mark.parametrize(
     "payload",
     [
-        good_claims(iss="someone-else"),
-        good_claims(iss=None),
-        good_claims(sub=None),
-        good_claims(sub=5),
-        good_claims(jti=None),
-        good_claims(jti=["a"]),
-        good_claims(iat=None),
-        good_claims(iat="2026"),
-        good_claims(iat=1.5),
-        good_claims(iat=True),
-        good_claims(iat=-1),
-        good_claims(iat=10**20),
-        good_claims(exp="soon"),
-        good_claims(exp=10**20),
-        good_claims(max_tunnels=-1),
-        good_claims(max_tunnels=True),
-        good_claims(max_tunnels="3"),
-        good_claims(aud="somebody"),
+        good_payload(iss="someone-else"),
+        good_payload(iss=None),
+        good_payload(sub=None),
+        good_payload(sub=5),
+        good_payload(jti=None),
+        good_payload(jti=["a"]),
+        good_payload(iat=None),
+        good_payload(iat="2026"),
+        good_payload(iat=1.5),
+        good_payload(iat=True),
+        good_payload(iat=-1),
+        good_payload(iat=10**20),
+        good_payload(exp="soon"),
+        good_payload(exp=10**20),
+        good_payload(max_tunnels=-1),
+        good_payload(max_tunnels=True),
+        good_payload(max_tunnels="3"),
+        good_payload(aud="somebody"),
         [1, 2, 3],
         "a string",
         b"not json at all",
@@ -266,7 +266,7 @@ def test_well_signed_but_malformed(payload: Any) -> None:
     "header", [[], "x", None, {"alg": "EdDSA", "kid": 5}, {"alg": "EdDSA", "crit": ["exp"]}]
 )
 def test_bad_headers(header: Any) -> None:
-    assert reason_of(signed(header, good_claims()), now=NOW) in {"malformed", "bad-signature"}
+    assert reason_of(signed(header, good_payload()), now=NOW) in {"malformed", "bad-signature"}
 
 
 # Garbage
@@ -307,14 +307,14 @@ def test_garbage_near_the_length_limit_is_still_just_malformed() -> None:
 
 
 def check_contract(token: Any) -> None:
-    """Whatever arrives, verify returns claims or raises TokenError; nothing else."""
+    """Whatever arrives, verify returns grant or raises TokenError; nothing else."""
     try:
-        claims = verify(token, PUBLIC, now=NOW)
+        grant = verify(token, PUBLIC, now=NOW)
     except TokenError as exc:
         assert exc.reason in {"malformed", "bad-signature", "expired", "not-yet-valid"}
         assert str(exc)
     else:
-        assert isinstance(claims, TokenClaims)
+        assert isinstance(grant, TokenGrant)
 
 
 @given(st.text(max_size=5000))
@@ -505,7 +505,7 @@ def test_revoked_token_is_refused_with_its_own_reason() -> None:
 
 def test_a_forgery_of_a_revoked_id_is_a_forgery() -> None:
     # Only a token we signed can be "revoked": the signature is checked first.
-    forged = signed({"alg": "EdDSA", "typ": "JWT"}, good_claims(jti="gone"), generate_signing_key())
+    forged = signed({"alg": "EdDSA", "typ": "JWT"}, good_payload(jti="gone"), generate_signing_key())
     assert reason_of(forged, now=NOW, revoked={"gone"}) == "bad-signature"
 
 
@@ -516,7 +516,7 @@ def test_every_refusal_says_which_it_is() -> None:
         "bad-signature": (mint(other, subject="x", ttl_seconds=60, now=NOW), NOW),
         "expired": (mint(KEY, subject="x", ttl_seconds=60, now=NOW), NOW + 3600),
         "malformed": ("not.a-token", NOW),
-        "revoked": (signed({"alg": "EdDSA", "typ": "JWT"}, good_claims(jti="gone")), NOW),
+        "revoked": (signed({"alg": "EdDSA", "typ": "JWT"}, good_payload(jti="gone")), NOW),
     }
     words = {"bad-signature": "signature", "expired": "expired", "malformed": "malformed"}
     words["revoked"] = "revoked"
@@ -570,7 +570,7 @@ def test_token_id_of_garbage(token: str) -> None:
 
 
 def test_unverified_subject_stays_on_one_line() -> None:
-    token = signed({"alg": "EdDSA"}, good_claims(sub="evil\nrevoked-id\u2028x\x1b[31m" + "y" * 200))
+    token = signed({"alg": "EdDSA"}, good_payload(sub="evil\nrevoked-id\u2028x\x1b[31m" + "y" * 200))
     subject = unverified_subject(token)
     assert subject is not None
     assert subject.isprintable()

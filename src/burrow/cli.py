@@ -636,12 +636,12 @@ def _revocation_note(token: str) -> str:
 @click.option("--token-key", type=click.Path(path_type=Path), required=True, help="The public key.")
 @click.argument("value")
 def token_verify(token_key: Path, value: str) -> None:
-    """Check a token the way a relay does and show its claims."""
+    """Check a token the way a relay does and show what it grants."""
     try:
-        claims = tokens.verify(value, tokens.read_public_key(token_key))
+        grant = tokens.verify(value, tokens.read_public_key(token_key))
     except Error as exc:
         raise click.ClickException(str(exc)) from exc
-    for field, item in dataclasses.asdict(claims).items():
+    for field, item in dataclasses.asdict(grant).items():
         click.echo(f"{field}: {item}")
 
 

@@ -65,8 +65,8 @@ TokenErrorReason = Literal["malformed", "bad-signature", "expired", "not-yet-val
 
 
 @dataclass(frozen=True)
-class TokenClaims:
-    """What a verified token says about the agent presenting it."""
+class TokenGrant:
+    """What a verified token grants the agent presenting it (its JWT payload, checked)."""
 
     subject: str
     """Who the token was minted for (a user, a team, a CI job); shown in relay logs."""
@@ -204,17 +204,17 @@ def mint(
     if max_tunnels is not None and max_tunnels < 1:
         raise InvalidError("max_tunnels must be at least 1, or None for no limit")
     issued_at = int(time.time() if now is None else now)
-    claims: dict[str, Any] = {
+    payload: dict[str, Any] = {
         "iss": TOKEN_ISSUER,
         "sub": subject,
         "iat": issued_at,
         "jti": secrets.token_urlsafe(TOKEN_ID_BYTES),
     }
     if ttl_seconds is not None:
-        claims["exp"] = issued_at + ttl_seconds
+        payload["exp"] = issued_at + ttl_seconds
     if max_tunnels is not None:
-        claims["max_tunnels"] = max_tunnels
-    return jwt.encode(claims, key, algorithm=TOKEN_ALGORITHM)
+        payload["max_tunnels"] = max_tunnels
+    return jwt.encode(payload, key, algorithm=TOKEN_ALGORITHM)
 
 
 def _decode(token: str, public_key: Ed25519PublicKey) -> dict[str, Any]:
@@ -244,14 +244,14 @@ def _decode(token: str, public_key: Ed25519PublicKey) -> dict[str, Any]:
     return payload
 
 
-def _timestamp(payload: dict[str, Any], claim: str) -> int:
-    value = payload[claim]
+def _timestamp(payload: dict[str, Any], name: str) -> int:
+    value = payload[name]
     if type(value) is not int or not 0 <= value <= MAX_TIMESTAMP:
-        raise TokenError("malformed", f"token is malformed: {claim!r} is not a timestamp")
+        raise TokenError("malformed", f"token is malformed: {name!r} is not a timestamp")
     return value
 
 
-def _claims(payload: dict[str, Any]) -> TokenClaims:
+def _grant(payload: dict[str, Any]) -> TokenGrant:
     subject, token_id = payload["sub"], payload["jti"]
     if not isinstance(subject, str) or not isinstance(token_id, str):
         raise TokenError("malformed", "token is malformed: 'sub' and 'jti' must be strings")
@@ -259,7 +259,7 @@ def _claims(payload: dict[str, Any]) -> TokenClaims:
     # `type(...) is int` rather than isinstance: JSON true must not count as 1.
     if max_tunnels is not None and (type(max_tunnels) is not int or max_tunnels < 0):
         raise TokenError("malformed", "token is malformed: 'max_tunnels' is not a count")
-    return TokenClaims(
+    return TokenGrant(
         subject=subject,
         token_id=token_id,
         issued_at=_timestamp(payload, "iat"),
@@ -275,8 +275,8 @@ def verify(
     now: float | None = None,
     leeway_seconds: int = DEFAULT_LEEWAY_SECONDS,
     revoked: Container[str] = frozenset(),
-) -> TokenClaims:
-    """The claims of ``token`` if ``public_key`` signed it and it is valid at ``now``.
+) -> TokenGrant:
+    """What ``token`` grants if ``public_key`` signed it and it is valid at ``now``.
 
     A token whose id is in ``revoked`` is refused too. Raises TokenError for
     every way a token can be bad, whatever the input.
@@ -285,19 +285,19 @@ def verify(
         raise TokenError("malformed", "token is malformed: not a string of a sane length")
     if _TOKEN_RE.fullmatch(token) is None:
         raise TokenError("malformed", "token is malformed: not three base64url segments")
-    claims = _claims(_decode(token, public_key))
+    grant = _grant(_decode(token, public_key))
     # After the signature: only a token we issued can be "revoked"; a forgery
     # that copies a revoked id is still just a forgery.
-    if claims.token_id in revoked:
-        raise TokenError("revoked", f"token {claims.token_id} was revoked")
+    if grant.token_id in revoked:
+        raise TokenError("revoked", f"token {grant.token_id} was revoked")
     current = time.time() if now is None else now
-    if claims.issued_at > current + leeway_seconds:
+    if grant.issued_at > current + leeway_seconds:
         raise TokenError(
-            "not-yet-valid", f"token is not valid yet: issued at {_utc(claims.issued_at)}"
+            "not-yet-valid", f"token is not valid yet: issued at {_utc(grant.issued_at)}"
         )
-    if claims.expires_at is not None and claims.expires_at <= current - leeway_seconds:
-        raise TokenError("expired", f"token expired at {_utc(claims.expires_at)}")
-    return claims
+    if grant.expires_at is not None and grant.expires_at <= current - leeway_seconds:
+        raise TokenError("expired", f"token expired at {_utc(grant.expires_at)}")
+    return grant
 
 
 def parse_duration(text: str) -> int | None:

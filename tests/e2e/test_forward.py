@@ -290,12 +290,12 @@ def test_second_tunnel_costs_one_round_trip(
 
 
 async def _count_sessions(relay: RelayHarness) -> int:
-    return len(relay.relay.sessions)
+    return len(relay.relay.registry.sessions)
 
 
 @pytest.fixture(autouse=True)
 def _relay_sessions_survive(relay: RelayHarness) -> Iterator[None]:
     yield
     # No test here may leave the shared relay unable to serve.
-    assert relay.relay.sessions is not None
+    assert relay.relay.registry.sessions is not None
     assert relay.loop.is_running()

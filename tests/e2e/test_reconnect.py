@@ -246,7 +246,7 @@ def test_a_claim_moves_a_name_to_a_new_session_of_the_same_token_only(tmp_path: 
 
 
 async def _session_of(relay: RelayHarness, host: str) -> str:
-    return relay.relay.routes[host.split(".")[0]].session.id
+    return relay.relay.registry.routes[host.split(".")[0]].session.id
 
 
 def test_forward_while_the_session_reconnects_waits_for_it(tmp_path: Path) -> None:

@@ -302,7 +302,7 @@ def hello(token: str, version: int = protocol.PROTOCOL_VERSION) -> bytes:
 
 
 async def _first_session(relay: RelayHarness) -> tuple[str, str]:
-    session = next(iter(relay.relay.sessions.values()))
+    session = next(iter(relay.relay.registry.sessions.values()))
     return session.id, session.key
 
 
@@ -480,11 +480,11 @@ def test_control_wrong_version(live: Live) -> None:
 
 def test_bad_token_through_the_client(live: Live) -> None:
     stranger = tokens.mint(tokens.generate_signing_key(), subject="x", ttl_seconds=60)
-    before = len(live.relay.relay.sessions)
+    before = len(live.relay.relay.registry.sessions)
     with pytest.raises(AuthError, match="token signature is not valid"):  # noqa: SIM117
         with burrow.forward(8000, client=live.relay.client(token=stranger)):
             pass
-    assert len(live.relay.relay.sessions) == before
+    assert len(live.relay.relay.registry.sessions) == before
 
 
 def test_control_protocol_error_after_welcome(live: Live) -> None:
@@ -575,7 +575,7 @@ def test_data_truncated_frame_then_close(live: Live, how: str) -> None:
 async def _pooled_peers(relay: RelayHarness) -> set[str]:
     return {
         channel.stream.peername
-        for session in relay.relay.sessions.values()
+        for session in relay.relay.registry.sessions.values()
         for channel in session._pool
     }
 

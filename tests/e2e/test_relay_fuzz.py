@@ -1237,7 +1237,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 
 def _pool_full(live: Live) -> bool:
     async def pooled() -> list[int]:
-        return [len(s._pool) for s in live.relay.relay.sessions.values()]
+        return [len(s._pool) for s in live.relay.relay.registry.sessions.values()]
 
     sizes = live.relay.call(pooled())
     return bool(sizes) and all(n >= live.relay.relay.config.pool_size for n in sizes)

@@ -253,8 +253,8 @@ def refused_attach(connection: RawConnection) -> dict[str, Any]:
 async def _sessions_of(relay: RelayHarness, token_id: str) -> list[tuple[str, str]]:
     return [
         (session.id, session.key)
-        for session in relay.relay.sessions.values()
-        if session.claims.token_id == token_id and not session.closed
+        for session in relay.relay.registry.sessions.values()
+        if session.grant.token_id == token_id and not session.closed
     ]
 
 
@@ -267,7 +267,7 @@ def sessions_of(relay: RelayHarness, token: str) -> list[tuple[str, str]]:
 async def _pooled(relay: RelayHarness) -> set[str]:
     return {
         channel.stream.peername
-        for session in relay.relay.sessions.values()
+        for session in relay.relay.registry.sessions.values()
         for channel in session._pool
     }
 
@@ -594,11 +594,11 @@ def test_ipv6_visitors_and_ipv4_allowlists(tmp_path: Path) -> None:
     ],
 )
 def test_a_bad_allowlist_is_invalid(relay: RelayHarness, allowlist_value: Any, named: str) -> None:
-    before = len(relay.relay.routes)
+    before = len(relay.relay.registry.routes)
     with pytest.raises(InvalidError, match="inbound_cidr_allowlist") as info:
         burrow.forward(8000, inbound_cidr_allowlist=allowlist_value, client=relay.client())
     assert named in str(info.value)
-    assert len(relay.relay.routes) == before
+    assert len(relay.relay.registry.routes) == before
 
 
 def test_the_relay_checks_allow_itself(relay: RelayHarness) -> None:
@@ -789,4 +789,4 @@ def test_attach_needs_the_sessions_own_key(relay: RelayHarness) -> None:
 
 
 async def _has_session(relay: RelayHarness, session_id: str) -> bool:
-    return session_id in relay.relay.sessions
+    return session_id in relay.relay.registry.sessions

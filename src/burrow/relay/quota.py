@@ -56,9 +56,7 @@ class TokenQuotas:
             if len(self._rates) > 4 * len(self.held) + 1024:
                 # Forget buckets that have refilled: they would allow the same.
                 self._rates = {k: r for k, r in self._rates.items() if not r.full(now)}
-            rate = self._rates[token_id] = RateLimit(
-                self.creations_per_second, self.creation_burst
-            )
+            rate = self._rates[token_id] = RateLimit(self.creations_per_second, self.creation_burst)
         return rate.allow(now)
 
     def holds(self, token_id: str) -> int:

@@ -3,31 +3,41 @@
 Every connection to the public port is sorted by its TLS server name (SNI)
 and ALPN: the relay's own name with a burrow ALPN id is an agent's control
 or data connection; ``<label>.<domain>`` is a visitor for that tunnel.
-"What happens when a visitor arrives" is :meth:`Relay.serve_visitor`.
+"What happens when a visitor arrives" is :meth:`Relay.serve_visitor`; "an
+agent says hello" is :meth:`Relay._serve_control`.
+
+The policy lives beside it: :mod:`~burrow.relay.admission` (who may come
+in), :mod:`~burrow.relay.registry` (sessions and routes),
+:mod:`~burrow.relay.claims` and :mod:`~burrow.relay.ports`; one agent's
+session is :mod:`~burrow.relay.session`. This module does the I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import logging
-import random
 import socket
 import ssl
+from collections.abc import Mapping
 from typing import Final
 
 from burrow import tokens
-from burrow.exception import ConnectionError, LocalProtocolError, RemoteProtocolError
+from burrow.exception import ConnectionError, RemoteProtocolError
 from burrow.net import tls
 from burrow.net.channel import Channel
 from burrow.net.splice import Splice, join
 from burrow.net.stream import Stream, TlsStream
+from burrow.net.tasks import TaskSet
+from burrow.relay.admission import Admission
+from burrow.relay.claims import ClaimSigner
 from burrow.relay.config import POOL_WAIT_SECONDS, RelayConfig
+from burrow.relay.ports import Listener, TcpPorts
 from burrow.relay.quota import TokenQuotas
+from burrow.relay.registry import Registry, RelayTunnel, SessionHandle
 from burrow.relay.revocation import REVOCATION_CHECK_SECONDS, RevocationList
-from burrow.relay.session import RelayTunnel, Session
+from burrow.relay.session import RelaySession
 from burrow.relay.workers import Worker
 from burrow.wire import allowlist, names, protocol
 from burrow.wire.clienthello import ClientHello
@@ -60,17 +70,6 @@ FORBIDDEN_REPLY: Final = (
 # The first frame (hello or attach) must come soon after the handshake.
 FIRST_FRAME_TIMEOUT: Final = 10.0
 
-# A workload id is an opaque name `burrow run` makes up (22 characters);
-# the cap only keeps a hostile agent from making the relay hold a large one.
-MAX_WORKLOAD_ID: Final = 128
-
-# Hex digits of HMAC-SHA256 in a claim: 128 bits, beyond guessing.
-CLAIM_MAC_HEX: Final = 32
-
-# Attempts at binding a random port of the TCP range before giving up; the
-# range is usually mostly free, so a few tries find one.
-TCP_PORT_ATTEMPTS: Final = 64
-
 # Connections the kernel queues before we accept them. asyncio's default of
 # 100 overflows under a burst of visitors (a dropped SYN costs the visitor a
 # one-second retransmit); the kernel caps it at net.core.somaxconn anyway.
@@ -91,16 +90,32 @@ class Relay:
         self.config = config
         self.worker = worker
         self.domain = names.normalize_domain(config.domain)
-        self.public_key = tokens.read_public_key(config.public_key)
         self.revoked = RevocationList(config.revoked_tokens) if config.revoked_tokens else None
-        self.sessions: dict[str, Session] = {}
-        self.routes: dict[str, RelayTunnel] = {}
-        self.shutting_down = False
-        self._servers: list[asyncio.Server] = []
-        self._tasks: set[asyncio.Task[None]] = set()
         self.tcp_host = config.tcp_host or self.domain
         self.public_port = config.public_port or 0
         self.plain_port: int | None = None
+        self._servers: list[asyncio.Server] = []
+        self._tasks = TaskSet()
+        # Unfinished handshakes, oldest first (dicts keep insertion order).
+        self._handshaking: dict[TlsStream, None] = {}
+
+        quotas = TokenQuotas(
+            config.max_tunnels_per_token,
+            config.tunnel_creations_per_second,
+            config.tunnel_creation_burst,
+        )
+        index, count = (worker.index, worker.count) if worker else (0, 1)
+        self.registry = Registry(self.domain, quotas, worker_index=index, worker_count=count)
+        self.claims = ClaimSigner(config.key.read_bytes())
+        self.admission = Admission(
+            config,
+            tokens.read_public_key(config.public_key),
+            quotas,
+            self.claims,
+            revoked=self.revoked if self.revoked is not None else frozenset(),
+            owns=self.registry.owns,
+        )
+        self.tcp_ports = TcpPorts([host for host, _ in config.listen], config.tcp_ports)
 
         self._agent_context = tls.server_context(
             config.cert, config.key, [protocol.ALPN_CONTROL, protocol.ALPN_DATA]
@@ -108,19 +123,6 @@ class Relay:
         self._visitor_context = tls.server_context(config.cert, config.key, ALPN_VISITOR)
         self._visitor_h2_context = tls.server_context(config.cert, config.key, ALPN_VISITOR_H2)
         self._agent_context.sni_callback = self._pick_context
-        self.quotas = TokenQuotas(
-            config.max_tunnels_per_token,
-            config.tunnel_creations_per_second,
-            config.tunnel_creation_burst,
-        )
-        # (token id, workload) -> local port -> the tunnel forwarding it: one
-        # workload forwards a port once, whichever of its processes asks.
-        self._workload_ports: dict[tuple[str, str], dict[int, RelayTunnel]] = {}
-        # Unfinished handshakes, oldest first (dicts keep insertion order).
-        self._handshaking: dict[TlsStream, None] = {}
-        # Claims are signed with a key derived from the relay's TLS key, which a
-        # restarted relay (and every worker) has: no state has to survive a restart.
-        self._claim_key = hmac.new(config.key.read_bytes(), b"burrow claims v1", hashlib.sha256)
 
     @classmethod
     async def start(
@@ -134,6 +136,8 @@ class Relay:
         relay = cls(config, worker)
         await relay._listen(sockets)
         return relay
+
+    # -- listeners ------------------------------------------------------------
 
     async def _listen(self, sockets: list[socket.socket] | None) -> None:
         loop = asyncio.get_running_loop()
@@ -150,7 +154,7 @@ class Relay:
         if not self.public_port:
             self.public_port = self.bound_port
         if self.revoked is not None:
-            self._spawn(self._watch_revoked_tokens())
+            self._tasks.spawn(self._watch_revoked_tokens())
         if self.worker is not None:
             loop.add_reader(self.worker.inbox.fileno(), self._adopt_handed_off)
         if self.config.plain_data_listen is not None:
@@ -194,17 +198,30 @@ class Relay:
         port: int = self._servers[0].sockets[0].getsockname()[1]
         return port
 
+    @property
+    def sessions(self) -> Mapping[str, SessionHandle]:
+        """The registry's sessions by id (read-only)."""
+        return self.registry.sessions
+
+    @property
+    def routes(self) -> Mapping[str, RelayTunnel]:
+        """The registry's route table: tunnels by label (read-only)."""
+        return self.registry.routes
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.admission.shutting_down
+
     async def close(self) -> None:
-        self.shutting_down = True
+        self.admission.shutting_down = True
         if self.worker is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self.worker.inbox.fileno())
         for server in self._servers:
             server.close()
-        for session in list(self.sessions.values()):
+        for session in list(self.registry.sessions.values()):
             session.close()
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
@@ -213,12 +230,12 @@ class Relay:
         """Shut down gently: no new agents, tunnels or visitors; agents are told to
         reconnect; connections in flight may finish for ``config.drain_timeout``
         seconds; then close."""
-        self.shutting_down = True
+        self.admission.shutting_down = True
         for server in self._servers:
             server.close()
         in_flight: set[Splice] = set()
-        for session in list(self.sessions.values()):
-            for tunnel in session.tunnels.values():
+        for session in list(self.registry.sessions.values()):
+            for tunnel in self.registry.tunnels_of(session).values():
                 in_flight |= {splice for splice in tunnel.splices if not splice.done}
             session.leave("the relay is shutting down: reconnect")
         log.info("draining %d connections", len(in_flight))
@@ -241,42 +258,6 @@ class Relay:
             splice.close()
         await self.close()
 
-    def _spawn(self, coro: object) -> None:
-        assert asyncio.iscoroutine(coro)
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    # -- revoked tokens -------------------------------------------------------
-
-    async def _watch_revoked_tokens(self) -> None:
-        while True:
-            await asyncio.sleep(REVOCATION_CHECK_SECONDS)
-            self.check_revoked_tokens()
-
-    def check_revoked_tokens(self) -> None:
-        """Re-read the revoked-tokens file if it changed; end newly revoked tokens' sessions."""
-        if self.revoked is None:
-            return
-        newly_revoked = self.revoked.refresh()
-        if not newly_revoked:
-            return
-        for session in list(self.sessions.values()):
-            token_id = session.claims.token_id
-            if token_id not in newly_revoked:
-                continue
-            log.warning(
-                "session %s for %s ended: token %s was revoked",
-                session.id,
-                session.claims.subject,
-                token_id,
-            )
-            with contextlib.suppress(LocalProtocolError):
-                session.channel.send(
-                    protocol.Error(code=protocol.CODE_AUTH, message=f"token {token_id} was revoked")
-                )
-            session.close()
-
     # -- the public port: TLS and who is calling ---------------------------
 
     def _new_public_stream(self, prelude: bytes = b"") -> TlsStream:
@@ -298,51 +279,6 @@ class Relay:
         self._handshaking[stream] = None
         return stream
 
-    # -- workers: every name to the process that owns it -----------------------
-
-    def new_name(self) -> str:
-        """A fresh label or session id that this process owns and no one holds."""
-        index, count = (self.worker.index, self.worker.count) if self.worker else (0, 1)
-        while True:
-            name = names.new_label_for(index, count)
-            # 72 bits: a repeat never happens in practice, but is cheap to rule out.
-            if name not in self.routes and name not in self.sessions:
-                return name
-
-    def _route(self, stream: TlsStream, hello: ClientHello, prelude: bytes) -> bool:
-        """Pass a connection whose server name another worker owns to that worker."""
-        worker = self.worker
-        label = names.label_of(hello.server_name, self.domain)
-        if worker is None or label is None:
-            return False  # the relay's own name (an agent's control connection) or junk
-        owner = names.worker_of(label, worker.count)
-        if owner == worker.index or not stream.can_detach():
-            return False
-        self._handshaking.pop(stream, None)
-        worker.hand_off(owner, stream.hand_off(), prelude)
-        return True
-
-    def _adopt_handed_off(self) -> None:
-        assert self.worker is not None
-        loop = asyncio.get_running_loop()
-        for sock, prelude in self.worker.receive():
-            if self.shutting_down:
-                sock.close()
-                continue
-            self._spawn(self._adopt(loop, sock, prelude))
-
-    async def _adopt(
-        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes
-    ) -> None:
-        try:
-            await loop.connect_accepted_socket(lambda: self._new_public_stream(data), sock)
-        except OSError as exc:
-            log.debug("a connection handed over was gone: %s", exc)
-            sock.close()
-
-    def _new_plain_data_stream(self) -> Stream:
-        return Stream(on_connected=lambda stream: self._spawn(self._serve_data(stream)))
-
     def _pick_context(
         self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
     ) -> int | None:
@@ -356,7 +292,7 @@ class Relay:
         label = names.label_of(name, self.domain)
         if label is None:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-        tunnel = self.routes.get(label)
+        tunnel = self.registry.routes.get(label)
         if tunnel is None:
             # Not a tunnel: an agent naming its session so that the relay's workers
             # can route it (see _on_handshake), or a visitor who will get a 404.
@@ -365,6 +301,7 @@ class Relay:
         return None
 
     def _on_handshake(self, stream: TlsStream, exc: BaseException | None) -> None:
+        """The TLS handshake is done: a visitor of a tunnel, an agent, or a 404."""
         self._handshaking.pop(stream, None)
         if exc is not None:
             log.debug("TLS handshake from %s failed: %s", stream.peername, exc)
@@ -372,7 +309,7 @@ class Relay:
         stream.pause_reading()
         name = stream.server_name
         label = names.label_of(name, self.domain) if name and name != self.domain else None
-        tunnel = self.routes.get(label) if label else None
+        tunnel = self.registry.routes.get(label) if label else None
         if tunnel is not None:
             if self._refused_by_allowlist(tunnel, stream):
                 stream.resume_reading()
@@ -380,116 +317,20 @@ class Relay:
                     stream.write(FORBIDDEN_REPLY)
                 stream.close_lingering()
                 return
-            self._spawn(self.serve_visitor(tunnel, stream))
+            self._tasks.spawn(self.serve_visitor(tunnel, stream))
             return
         # Agents use the relay's own name, or `<session>.<domain>` so that the
         # relay's workers route them; the burrow ALPN ids say which connection it is
         # (only the agent context offers them, never a tunnel's).
         alpn = stream.alpn
         if alpn == protocol.ALPN_CONTROL:
-            self._spawn(self._serve_control(stream))
+            self._tasks.spawn(self._serve_control(stream))
         elif alpn == protocol.ALPN_DATA:
-            self._spawn(self._serve_data(stream))
+            self._tasks.spawn(self._serve_data(stream))
         else:
             stream.resume_reading()
             stream.write(NOT_FOUND_REPLY)
             stream.close_lingering()
-
-    # -- agents ---------------------------------------------------------------
-
-    async def _first_frame(self, channel: Channel) -> protocol.Message | None:
-        try:
-            message = await asyncio.wait_for(channel.receive(), FIRST_FRAME_TIMEOUT)
-        except (TimeoutError, RemoteProtocolError, ConnectionError) as exc:
-            log.info("agent %s: no valid first frame: %s", channel.stream.peername, exc)
-            if isinstance(exc, RemoteProtocolError):
-                channel.refuse(protocol.Error(code=protocol.CODE_PROTOCOL, message=str(exc)))
-            else:
-                channel.close()
-            return None
-        if message is None:  # closed (or close_notify) before saying anything
-            channel.close()
-        return message
-
-    async def _serve_control(self, stream: TlsStream) -> None:
-        channel = Channel(stream, protocol.Connection(protocol.Kind.CONTROL, protocol.Role.RELAY))
-        stream.resume_reading()
-        hello = await self._first_frame(channel)
-        if hello is None:
-            return
-        assert isinstance(hello, protocol.Hello)  # the state table allows nothing else first
-
-        def refuse(code: str, message: str) -> None:
-            log.warning("agent %s refused: %s", stream.peername, message)
-            channel.refuse(protocol.Error(code=code, message=message))
-
-        if hello.version != protocol.PROTOCOL_VERSION:
-            refuse(
-                protocol.CODE_VERSION,
-                f"this relay speaks protocol version "
-                f"{protocol.PROTOCOL_VERSION}, not {hello.version}",
-            )
-            return
-        self.check_revoked_tokens()  # a token revoked a moment ago is refused at once
-        try:
-            claims = tokens.verify(
-                hello.token, self.public_key, revoked=self.revoked or frozenset()
-            )
-        except tokens.TokenError as exc:
-            refuse(protocol.CODE_AUTH, str(exc))
-            return
-        if self.shutting_down:
-            refuse(protocol.CODE_SHUTTING_DOWN, "the relay is shutting down")
-            return
-        if hello.workload is not None and len(hello.workload) > MAX_WORKLOAD_ID:
-            refuse(protocol.CODE_BAD_REQUEST, f"workload ids are at most {MAX_WORKLOAD_ID} long")
-            return
-        session = Session(self, channel, claims, hello.workload)
-        self.sessions[session.id] = session
-        log.info(
-            "session %s for %s from %s (%s)",
-            session.id,
-            claims.subject,
-            stream.peername,
-            hello.agent,
-        )
-        channel.send(
-            protocol.Welcome(
-                session=session.id,
-                key=session.key,
-                domain=self.domain,
-                heartbeat=self.config.heartbeat,
-                pool=self.config.pool_size,
-                plain_port=self.plain_port,
-                data_name=f"{session.id}.{self.domain}",
-            )
-        )
-        await session.run()
-
-    async def _serve_data(self, stream: Stream) -> None:
-        channel = Channel(stream, protocol.Connection(protocol.Kind.DATA, protocol.Role.RELAY))
-        stream.resume_reading()
-        attach = await self._first_frame(channel)
-        if attach is None:
-            return
-        assert isinstance(attach, protocol.Attach)
-        session = self.sessions.get(attach.session)
-        if session is None or not hmac.compare_digest(attach.key.encode(), session.key.encode()):
-            log.warning("data connection from %s refused: bad attach", stream.peername)
-            channel.refuse(
-                protocol.Error(
-                    code=protocol.CODE_BAD_ATTACH, message="unknown session or wrong key"
-                )
-            )
-            return
-        if channel.has_pending():
-            # Bytes behind attach: the agent may not speak before bind.
-            log.warning("data connection from %s refused: spoke before bind", stream.peername)
-            stream.abort()
-            return
-        log.debug("data connection from %s attached to session %s", stream.peername, session.id)
-        # The channel's protocol state stays POOLED until serve_visitor binds it.
-        session.add_data_connection(channel)
 
     # -- visitors -------------------------------------------------------------
 
@@ -528,111 +369,6 @@ class Relay:
         tunnel.splices.add(splice)
         splice.start()
 
-    # -- claims: a reconnecting agent gets its names back ---------------------
-
-    def claim_for(self, tunnel: RelayTunnel) -> str:
-        """The proof, for the tunnel's token only, that its label and TCP port are its own."""
-        body = f"{tunnel.label}.{tunnel.tcp_port or 0}"
-        return f"{body}.{self._claim_mac(body, tunnel.session.claims.token_id)}"
-
-    def check_claim(self, claim: str, token_id: str) -> tuple[str, int | None] | None:
-        """(label, TCP port) that ``claim`` proves for the token ``token_id``, or None."""
-        parts = claim.split(".")
-        if len(parts) != 3:
-            return None
-        label, port, mac = parts
-        if not names.is_label(label) or not (port.isdigit() and len(port) <= 5):
-            return None
-        if not hmac.compare_digest(mac, self._claim_mac(f"{label}.{port}", token_id)):
-            return None
-        worker = self.worker
-        if worker is not None and names.worker_of(label, worker.count) != worker.index:
-            return None  # the relay now runs another number of workers
-        return label, int(port) or None
-
-    def _claim_mac(self, body: str, token_id: str) -> str:
-        mac = self._claim_key.copy()
-        mac.update(f"{body}.{token_id}".encode())
-        return mac.hexdigest()[:CLAIM_MAC_HEX]
-
-    # -- tunnels --------------------------------------------------------------
-
-    def port_holder(self, session: Session, port: int) -> RelayTunnel | None:
-        """The live tunnel of the session's workload that already forwards ``port``."""
-        if session.workload is None:
-            return None
-        ports = self._workload_ports.get((session.claims.token_id, session.workload), {})
-        holder = ports.get(port)
-        return holder if holder is not None and not holder.closed else None
-
-    def new_tunnel(
-        self,
-        session: Session,
-        message: protocol.Open,
-        label: str | None = None,
-        *,
-        allow: tuple[allowlist.Network, ...] | None = None,
-    ) -> RelayTunnel:
-        """Publish a tunnel under a fresh label, or under ``label`` that a claim proved.
-
-        ``allow`` (the parsed ``message.allow``) limits who may visit; None is everyone.
-        """
-        label = label or self.new_name()
-        self.quotas.add(session.claims.token_id)
-        tunnel = RelayTunnel(
-            session=session,
-            id=message.id,
-            label=label,
-            host=f"{label}.{self.domain}",
-            h2=message.h2,
-            local_port=message.local_port,
-            allow=allow,
-        )
-        self.routes[label] = tunnel
-        if session.workload is not None:
-            key = (session.claims.token_id, session.workload)
-            self._workload_ports.setdefault(key, {})[message.local_port] = tunnel
-        log.info(
-            "tunnel %s published for session %s (local port %d%s%s)",
-            tunnel.host,
-            session.id,
-            message.local_port,
-            ", tcp" if message.tcp else "",
-            ", h2" if message.h2 else "",
-        )
-        return tunnel
-
-    async def open_tcp_port(self, tunnel: RelayTunnel, port: int | None = None) -> None:
-        """Listen for this tunnel on ``port``, or a random free port of the TCP range."""
-        low, high = self.config.tcp_ports
-        loop = asyncio.get_running_loop()
-        hosts = [host for host, _ in self.config.listen]
-        last_error: OSError | None = None
-        for _ in range(1 if port else TCP_PORT_ATTEMPTS):
-            candidate = port or random.randint(low, high)
-            servers: list[asyncio.Server] = []
-            try:
-                for host in hosts:
-                    servers.append(
-                        await loop.create_server(
-                            lambda: self._new_tcp_visitor(tunnel),
-                            host,
-                            candidate,
-                            backlog=LISTEN_BACKLOG,
-                        )
-                    )
-            except OSError as exc:
-                last_error = exc
-                for server in servers:
-                    server.close()
-                continue
-            tunnel.tcp_port = candidate
-            tunnel.tcp_servers = servers
-            return
-        if port:
-            raise OSError(f"TCP port {port} is not free: {last_error}")
-        raise OSError(f"no free port found in the TCP range {low}-{high}: {last_error}")
-
     def _new_tcp_visitor(self, tunnel: RelayTunnel) -> Stream:
         def connected(stream: Stream) -> None:
             if tunnel.closed:
@@ -640,7 +376,7 @@ class Relay:
             elif self._refused_by_allowlist(tunnel, stream):
                 stream.close()
             else:
-                self._spawn(self.serve_visitor(tunnel, stream))
+                self._tasks.spawn(self.serve_visitor(tunnel, stream))
 
         return Stream(on_connected=connected)
 
@@ -655,30 +391,161 @@ class Relay:
         log.info("visitor %s refused by the allowlist of %s", visitor.peername, tunnel.host)
         return True
 
-    def unpublish(self, tunnel: RelayTunnel, *, keep_connections: bool = False) -> None:
-        """Stop routing the tunnel: new visitors are refused at once.
+    async def open_tcp_port(self, tunnel: RelayTunnel, port: int | None = None) -> None:
+        """Listen for this tunnel on ``port``, or a random free port of the TCP range."""
+        loop = asyncio.get_running_loop()
 
-        Its visitors in flight are closed too, unless ``keep_connections``
-        (a draining relay lets them finish).
-        """
-        if tunnel.closed:
+        async def bind(host: str, candidate: int) -> Listener:
+            return await loop.create_server(
+                lambda: self._new_tcp_visitor(tunnel), host, candidate, backlog=LISTEN_BACKLOG
+            )
+
+        tunnel.tcp_port, tunnel.tcp_servers = await self.tcp_ports.bind(bind, port)
+        if tunnel.closed:  # unpublished while its port was being bound
+            for server in tunnel.tcp_servers:
+                server.close()
+
+    # -- agents ---------------------------------------------------------------
+
+    async def _first_frame(self, channel: Channel) -> protocol.Message | None:
+        try:
+            message = await asyncio.wait_for(channel.receive(), FIRST_FRAME_TIMEOUT)
+        except (TimeoutError, RemoteProtocolError, ConnectionError) as exc:
+            log.info("agent %s: no valid first frame: %s", channel.stream.peername, exc)
+            if isinstance(exc, RemoteProtocolError):
+                channel.refuse(protocol.Error(code=protocol.CODE_PROTOCOL, message=str(exc)))
+            else:
+                channel.close()
+            return None
+        if message is None:  # closed (or close_notify) before saying anything
+            channel.close()
+        return message
+
+    async def _serve_control(self, stream: TlsStream) -> None:
+        """An agent's control connection: admit it with ``hello``, then serve its session."""
+        channel = Channel(stream, protocol.Connection(protocol.Kind.CONTROL, protocol.Role.RELAY))
+        stream.resume_reading()
+        hello = await self._first_frame(channel)
+        if hello is None:
             return
-        tunnel.closed = True
-        self.quotas.remove(tunnel.session.claims.token_id)
-        if tunnel.session.workload is not None:
-            key = (tunnel.session.claims.token_id, tunnel.session.workload)
-            ports = self._workload_ports.get(key, {})
-            if ports.get(tunnel.local_port) is tunnel:
-                del ports[tunnel.local_port]
-                if not ports:
-                    del self._workload_ports[key]
-        if self.routes.get(tunnel.label) is tunnel:
-            del self.routes[tunnel.label]
-        for server in tunnel.tcp_servers:
-            server.close()
-        if not keep_connections:
-            for splice in list(tunnel.splices):
-                splice.close()
-        tunnel.splices.clear()
-        tunnel.session.tunnels.pop(tunnel.id, None)
-        log.info("tunnel %s closed", tunnel.host)
+        assert isinstance(hello, protocol.Hello)  # the state table allows nothing else first
+        self.check_revoked_tokens()  # a token revoked a moment ago is refused at once
+        grant = self.admission.check_hello(hello)
+        if isinstance(grant, protocol.Error):
+            log.warning("agent %s refused: %s", stream.peername, grant.message)
+            channel.refuse(grant)
+            return
+        session = RelaySession(self, channel, grant, hello.workload)
+        self.registry.add_session(session)
+        log.info(
+            "session %s for %s from %s (%s)",
+            session.id,
+            grant.subject,
+            stream.peername,
+            hello.agent,
+        )
+        channel.send(
+            protocol.Welcome(
+                session=session.id,
+                key=session.key,
+                domain=self.domain,
+                heartbeat=self.config.heartbeat,
+                pool=self.config.pool_size,
+                plain_port=self.plain_port,
+                data_name=f"{session.id}.{self.domain}",
+            )
+        )
+        await session.run()
+
+    async def _serve_data(self, stream: Stream) -> None:
+        """A data connection: it must ``attach`` to a session, then waits in its pool."""
+        channel = Channel(stream, protocol.Connection(protocol.Kind.DATA, protocol.Role.RELAY))
+        stream.resume_reading()
+        attach = await self._first_frame(channel)
+        if attach is None:
+            return
+        assert isinstance(attach, protocol.Attach)
+        session = self.registry.sessions.get(attach.session)
+        if session is None or not hmac.compare_digest(attach.key.encode(), session.key.encode()):
+            log.warning("data connection from %s refused: bad attach", stream.peername)
+            channel.refuse(
+                protocol.Error(
+                    code=protocol.CODE_BAD_ATTACH, message="unknown session or wrong key"
+                )
+            )
+            return
+        if channel.has_pending():
+            # Bytes behind attach: the agent may not speak before bind.
+            log.warning("data connection from %s refused: spoke before bind", stream.peername)
+            stream.abort()
+            return
+        log.debug("data connection from %s attached to session %s", stream.peername, session.id)
+        # The channel's protocol state stays POOLED until serve_visitor binds it.
+        session.add_data_connection(channel)
+
+    def _new_plain_data_stream(self) -> Stream:
+        def connected(stream: Stream) -> None:
+            self._tasks.spawn(self._serve_data(stream))
+
+        return Stream(on_connected=connected)
+
+    # -- revoked tokens -------------------------------------------------------
+
+    async def _watch_revoked_tokens(self) -> None:
+        while True:
+            await asyncio.sleep(REVOCATION_CHECK_SECONDS)
+            self.check_revoked_tokens()
+
+    def check_revoked_tokens(self) -> None:
+        """Re-read the revoked-tokens file if it changed; end newly revoked tokens' sessions."""
+        if self.revoked is None:
+            return
+        newly_revoked = self.revoked.refresh()
+        if not newly_revoked:
+            return
+        for session in list(self.registry.sessions.values()):
+            token_id = session.grant.token_id
+            if token_id not in newly_revoked:
+                continue
+            log.warning(
+                "session %s for %s ended: token %s was revoked",
+                session.id,
+                session.grant.subject,
+                token_id,
+            )
+            session.end(
+                protocol.Error(code=protocol.CODE_AUTH, message=f"token {token_id} was revoked")
+            )
+
+    # -- workers: every name to the process that owns it -----------------------
+
+    def _route(self, stream: TlsStream, hello: ClientHello, prelude: bytes) -> bool:
+        """Pass a connection whose server name another worker owns to that worker."""
+        worker = self.worker
+        label = names.label_of(hello.server_name, self.domain)
+        if worker is None or label is None:
+            return False  # the relay's own name (an agent's control connection) or junk
+        owner = names.worker_of(label, worker.count)
+        if owner == worker.index or not stream.can_detach():
+            return False
+        self._handshaking.pop(stream, None)
+        worker.hand_off(owner, stream.hand_off(), prelude)
+        return True
+
+    def _adopt_handed_off(self) -> None:
+        assert self.worker is not None
+        loop = asyncio.get_running_loop()
+        for sock, prelude in self.worker.receive():
+            if self.shutting_down:
+                sock.close()
+                continue
+            self._tasks.spawn(self._adopt(loop, sock, prelude))
+
+    async def _adopt(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes
+    ) -> None:
+        try:
+            await loop.connect_accepted_socket(lambda: self._new_public_stream(data), sock)
+        except OSError as exc:
+            log.debug("a connection handed over was gone: %s", exc)
+            sock.close()

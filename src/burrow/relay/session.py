@@ -1,4 +1,9 @@
-"""One agent session at the relay: its control connection, tunnels and data-connection pool."""
+"""One agent session at the relay: its control connection, its requests and its
+data-connection pool. "An agent opens a tunnel" is :meth:`RelaySession._open`.
+
+The session decides nothing alone: admission says whether a request may go
+ahead and the registry publishes and unpublishes its tunnels.
+"""
 
 from __future__ import annotations
 
@@ -8,51 +13,54 @@ import contextlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
-from burrow.exception import (
-    ConnectionError,
-    InvalidError,
-    LocalProtocolError,
-    RemoteProtocolError,
-)
-from burrow.net.channel import Channel
-from burrow.net.splice import Splice
-from burrow.net.stream import Chunk, Stream
-from burrow.tokens import TokenClaims
-from burrow.wire import allowlist, protocol
-
-if TYPE_CHECKING:
-    from burrow.relay.server import Relay
+from burrow.exception import ConnectionError, LocalProtocolError, RemoteProtocolError
+from burrow.net.channel import Channel, serve_control
+from burrow.net.stream import BaseReceiver, Chunk, Stream
+from burrow.relay.admission import Admission
+from burrow.relay.claims import ClaimSigner
+from burrow.relay.config import RelayConfig
+from burrow.relay.registry import Registry
+from burrow.relay.registry import RelayTunnel as RelayTunnel
+from burrow.tokens import TokenGrant
+from burrow.wire import protocol
 
 log = logging.getLogger("burrow.relay")
 
 
-@dataclass(eq=False)
-class RelayTunnel:
-    """A published tunnel, as the relay routes it."""
+class RelayServices(Protocol):
+    """What a session uses of the relay that runs it (the server's ``Relay``)."""
 
-    session: Session
-    id: int
-    label: str
-    host: str
-    h2: bool
-    local_port: int
-    tcp_port: int | None = None
-    tcp_servers: list[asyncio.Server] = field(default_factory=list)
-    splices: set[Splice] = field(default_factory=set)
-    waiting: int = 0
-    """Visitors waiting for a data connection."""
-    closed: bool = False
-    allow: tuple[allowlist.Network, ...] | None = None
-    """The networks visitors may come from; None lets everyone in, () no one."""
+    @property
+    def config(self) -> RelayConfig: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+    @property
+    def admission(self) -> Admission: ...
+
+    @property
+    def claims(self) -> ClaimSigner: ...
+
+    @property
+    def public_port(self) -> int:
+        """The TLS port visitors use, for the addresses in ``opened``."""
+
+    @property
+    def tcp_host(self) -> str:
+        """The name visitors use for raw TCP tunnels."""
+
+    async def open_tcp_port(self, tunnel: RelayTunnel, port: int | None = None) -> None:
+        """Listen for a raw TCP tunnel on ``port``, or on any free one; OSError if none."""
 
 
-class _Pooled:
+class _Pooled(BaseReceiver):
     """Receiver of an idle data connection: it may only close while it waits."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: RelaySession) -> None:
         self.session = session
 
     def on_data(self, stream: Stream, data: Chunk) -> None:
@@ -67,27 +75,24 @@ class _Pooled:
     def on_close(self, stream: Stream, exc: BaseException | None) -> None:
         self.session.drop_pooled(stream)
 
-    def on_pause_writing(self, stream: Stream) -> None:
-        pass
 
-    def on_resume_writing(self, stream: Stream) -> None:
-        pass
-
-
-class Session:
+class RelaySession:
     """Everything the relay holds for one authenticated agent."""
 
     def __init__(
-        self, relay: Relay, channel: Channel, claims: TokenClaims, workload: str | None = None
+        self,
+        relay: RelayServices,
+        channel: Channel,
+        grant: TokenGrant,
+        workload: str | None = None,
     ) -> None:
         self.relay = relay
         self.channel = channel
-        self.claims = claims
+        self.grant = grant
         # The `burrow run` workload the agent's process belongs to: its ports are its own.
         self.workload = workload
-        self.id = relay.new_name()
+        self.id = relay.registry.new_name()
         self.key = secrets.token_urlsafe(32)
-        self.tunnels: dict[int, RelayTunnel] = {}
         self._pool: collections.deque[Channel] = collections.deque()
         self._waiters: collections.deque[asyncio.Future[Channel]] = collections.deque()
         self._pooled_receiver = _Pooled(self)
@@ -95,28 +100,19 @@ class Session:
         self.closed = False
 
     def __repr__(self) -> str:
-        return f"<Session {self.id} {self.claims.subject}>"
+        return f"<RelaySession {self.id} {self.grant.subject}>"
+
+    @property
+    def tunnels(self) -> Mapping[int, RelayTunnel]:
+        """The session's published tunnels by id (the registry keeps them)."""
+        return self.relay.registry.tunnels_of(self)
 
     # -- control connection -----------------------------------------------
 
     async def run(self) -> None:
         """Serve the control connection until it ends; then free everything."""
-        config = self.relay.config
-        heartbeat = protocol.Heartbeat(config.heartbeat, time.monotonic())
         try:
-            while True:
-                timeout = max(0.0, heartbeat.deadline() - time.monotonic())
-                try:
-                    message = await asyncio.wait_for(self.channel.receive(), timeout)
-                except TimeoutError:
-                    ping = heartbeat.poll(time.monotonic())
-                    if ping is not None:
-                        self.channel.send(ping)
-                    continue
-                if message is None:
-                    return
-                heartbeat.received(time.monotonic())
-                await self._handle(message)
+            await serve_control(self.channel, self.relay.config.heartbeat, self._handle)
         except protocol.HeartbeatTimeout as exc:
             log.info("session %s: heartbeat missed: %s", self.id, exc)
         except RemoteProtocolError as exc:
@@ -146,80 +142,46 @@ class Session:
                         )
                     )
                     return
-                self.relay.unpublish(tunnel)
+                self.relay.registry.unpublish(tunnel)
                 self.channel.send(protocol.Closed(id=tunnel_id))
-            case protocol.Ping(seq=seq):
-                self.channel.send(protocol.Pong(seq=seq))
-            case protocol.Pong():
-                pass
             case _:  # pragma: no cover - the protocol's state table forbids the rest
                 raise RemoteProtocolError(f"unexpected {message.TYPE}")
 
     async def _open(self, message: protocol.Open) -> None:
-        def refuse(code: str, text: str) -> None:
-            self.channel.send(protocol.Error(id=message.id, code=code, message=text))
-
-        if message.id in self.tunnels:
-            refuse(protocol.CODE_BAD_REQUEST, f"tunnel id {message.id} is already in use")
+        registry, admission = self.relay.registry, self.relay.admission
+        admitted = admission.check_open(
+            message, grant=self.grant, tunnels=self.tunnels, now=time.monotonic()
+        )
+        if isinstance(admitted, protocol.Error):
+            self.channel.send(admitted)
             return
-        config = self.relay.config
-        if len(self.tunnels) >= config.max_tunnels_per_session:
-            refuse(
-                protocol.CODE_LIMIT,
-                f"this session may hold at most {config.max_tunnels_per_session} tunnels",
-            )
-            return
-        token = self.claims.token_id
-        limit = config.max_tunnels_per_token
-        if self.claims.max_tunnels is not None:
-            limit = min(limit, self.claims.max_tunnels)
-        if self.relay.quotas.holds(token) >= limit:
-            refuse(protocol.CODE_LIMIT, f"this token may hold at most {limit} tunnels")
-            return
-        if message.claim is None and not self.relay.quotas.may_create(token, time.monotonic()):
-            refuse(
-                protocol.CODE_LIMIT,
-                f"this token opens tunnels too fast: at most "
-                f"{config.tunnel_creations_per_second:g} a second",
-            )
-            return
-        if self.relay.shutting_down:
-            refuse(protocol.CODE_SHUTTING_DOWN, "the relay is shutting down")
-            return
-        try:
-            allow = allowlist.from_wire(message.allow)  # checked again: agents are not trusted
-        except InvalidError as exc:
-            refuse(protocol.CODE_BAD_REQUEST, str(exc))
-            return
-        claimed: tuple[str, int | None] = (self.relay.new_name(), None)
-        if message.claim is not None:
-            checked = self.relay.check_claim(message.claim, self.claims.token_id)
-            if checked is None:
-                refuse(protocol.CODE_CLAIM, "the claim is not valid for this token on this relay")
-                return
-            claimed = checked
-            held = self.relay.routes.get(claimed[0])
+        claim = admitted.claim
+        if claim is not None:
+            held = registry.routes.get(claim.label)
             if held is not None:
                 # Only the same token can sign the claim: its old session (lost,
                 # and not yet timed out) lets the name go to the new one.
                 log.info("session %s takes %s back from %s", self.id, held.host, held.session.id)
-                self.relay.unpublish(held)
-        if self.relay.port_holder(self, message.local_port) is not None:
-            refuse(protocol.CODE_PORT_FORWARDED, f"Port {message.local_port} is already forwarded")
+                registry.unpublish(held)
+        refusal = admission.check_port(message, registry.port_holder(self, message.local_port))
+        if refusal is not None:
+            self.channel.send(refusal)
             return
-        tunnel = self.relay.new_tunnel(self, message, claimed[0], allow=allow)
+        tunnel = registry.publish(
+            self, message, claim.label if claim else None, allow=admitted.allow
+        )
         if message.tcp:
+            tcp_port = claim.tcp_port if claim else None
             try:
-                await self.relay.open_tcp_port(tunnel, claimed[1])
+                await self.relay.open_tcp_port(tunnel, tcp_port)
             except OSError as exc:
-                self.relay.unpublish(tunnel)
-                code = protocol.CODE_CLAIM if claimed[1] else protocol.CODE_TCP_EXHAUSTED
-                refuse(code, str(exc))
+                registry.unpublish(tunnel)
+                code = protocol.CODE_CLAIM if tcp_port else protocol.CODE_TCP_EXHAUSTED
+                self.channel.send(protocol.Error(id=message.id, code=code, message=str(exc)))
                 return
         if self.closed:
-            self.relay.unpublish(tunnel)
+            registry.unpublish(tunnel)
             return
-        self.tunnels[tunnel.id] = tunnel
         self.channel.send(
             protocol.Opened(
                 id=tunnel.id,
@@ -227,7 +189,7 @@ class Session:
                 port=self.relay.public_port,
                 tcp_host=self.relay.tcp_host if tunnel.tcp_port is not None else None,
                 tcp_port=tunnel.tcp_port,
-                claim=self.relay.claim_for(tunnel),
+                claim=self.relay.claims.sign(tunnel.label, tunnel.tcp_port, self.grant.token_id),
             )
         )
 
@@ -265,20 +227,24 @@ class Session:
         except TimeoutError:
             return None
 
+    # -- the end ------------------------------------------------------------
+
+    def end(self, error: protocol.Error) -> None:
+        """Tell the agent why (if the connection still takes frames), then close."""
+        self._send_quietly(error)
+        self.close()
+
     def leave(self, reason: str) -> None:
         """End the session for a draining relay: the agent is told to reconnect,
         and the visitors in flight keep their connections."""
         self._leaving = True
-        self._send_quietly(protocol.Error(code=protocol.CODE_SHUTTING_DOWN, message=reason))
-        self.close()
+        self.end(protocol.Error(code=protocol.CODE_SHUTTING_DOWN, message=reason))
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        for tunnel in list(self.tunnels.values()):
-            self.relay.unpublish(tunnel, keep_connections=self._leaving)
-        self.tunnels.clear()
+        self.relay.registry.remove_session(self, keep_connections=self._leaving)
         while self._pool:
             self._pool.popleft().close()
         while self._waiters:
@@ -286,5 +252,4 @@ class Session:
             if not waiter.done():
                 waiter.cancel()
         self.channel.close()
-        self.relay.sessions.pop(self.id, None)
-        log.info("session %s (%s) ended", self.id, self.claims.subject)
+        log.info("session %s (%s) ended", self.id, self.grant.subject)
