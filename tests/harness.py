@@ -1,14 +1,13 @@
 """A real relay on loopback for end-to-end tests: dev CA, signing key, tokens.
 
-The relay runs on its own uvloop event loop in a background thread, exactly
-as `burrow relay` runs it, so tests talk to it only through sockets.
+The relay runs on its own uvloop event loop in a background thread
+(:class:`burrow.relay.process.RelayThread`, as ``burrow demo`` runs it), so
+tests talk to it only through sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -16,13 +15,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-import uvloop
-
 import burrow
 from burrow import tokens
 from burrow.agent.client import runtime
 from burrow.net import tls
 from burrow.relay.config import RelayConfig
+from burrow.relay.process import RelayThread
 from burrow.relay.server import Relay
 
 T = TypeVar("T")
@@ -33,6 +31,7 @@ DOMAIN = "r1.localhost"
 @dataclass
 class RelayHarness:
     relay: Relay
+    thread: RelayThread
     loop: asyncio.AbstractEventLoop
     state_dir: Path
     ca: Path
@@ -72,7 +71,7 @@ class RelayHarness:
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the relay's loop (to inspect or change relay state)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+        return self.thread.call(coro)
 
 
 @contextmanager
@@ -95,26 +94,12 @@ def run_relay(state_dir: Path, **overrides: Any) -> Iterator[RelayHarness]:
     )
     config = replace(config, **overrides)
 
-    loop = uvloop.new_event_loop()
-    started: concurrent.futures.Future[Relay] = concurrent.futures.Future()
-
-    async def start() -> None:
-        try:
-            started.set_result(await Relay.start(config))
-        except BaseException as exc:
-            started.set_exception(exc)
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.create_task(start())
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, name="test-relay", daemon=True)
-    thread.start()
-    relay = started.result(timeout=30)
+    thread = RelayThread(config, name="test-relay")
+    relay = thread.start()
     harness = RelayHarness(
         relay=relay,
-        loop=loop,
+        thread=thread,
+        loop=thread.loop,
         state_dir=state_dir,
         ca=certs.ca_cert,
         signing_key=key,
@@ -126,9 +111,7 @@ def run_relay(state_dir: Path, **overrides: Any) -> Iterator[RelayHarness]:
     finally:
         # Sessions with this relay would otherwise keep trying to reconnect to it.
         runtime.run(runtime.close_all(harness.address))
-        harness.call(relay.close())
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
+        thread.stop()
 
 
 def wait_until(predicate: Callable[[], object], what: str, seconds: float = 30) -> object:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +28,7 @@ from burrow.relay.config import (
     TUNNEL_CREATIONS_PER_SECOND,
     RelayConfig,
 )
-from burrow.relay.server import LISTEN_BACKLOG, Relay
-from burrow.relay.workers import Worker, bind_listeners, run_workers
+from burrow.relay.process import run_relay
 from burrow.sandbox.cli import sandbox_command
 from burrow.stop import StopFlag
 from burrow.wire import names
@@ -45,57 +41,6 @@ def _setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     raise_open_file_limit()
-
-
-def _quiet_bad_server_names() -> None:
-    """Log, rather than print, the server names CPython's ssl cannot decode.
-
-    A ClientHello whose server name is not ASCII is refused by ssl before
-    our SNI callback runs, but CPython reports the decode error as an
-    "unraisable" exception on stderr: any visitor could fill the relay's
-    logs with them.
-    """
-    default = sys.unraisablehook
-    log = logging.getLogger("burrow.relay")
-
-    def hook(unraisable: Any) -> None:
-        if isinstance(unraisable.exc_value, UnicodeError):
-            log.debug("refused a TLS server name that is not ASCII")
-            return
-        default(unraisable)
-
-    sys.unraisablehook = hook
-
-
-def _run_async(main: Callable[[], Any]) -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
-
-
-async def _serve(relay: Relay, on_started: Callable[[], None] | None = None) -> None:
-    """Run until a signal: SIGTERM drains connections in flight first, SIGINT does not."""
-    loop = asyncio.get_running_loop()
-    stop: asyncio.Future[signal.Signals] = loop.create_future()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if not stop.done():
-            stop.set_result(sig)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-    if on_started is not None:
-        on_started()
-    if await stop == signal.SIGTERM:
-        logging.getLogger("burrow.relay").info(
-            "SIGTERM: draining for up to %gs", relay.config.drain_timeout
-        )
-        await relay.drain()
-    else:
-        await relay.close()
 
 
 def _parse_range(text: str) -> tuple[int, int]:
@@ -263,7 +208,6 @@ def relay(
 ) -> None:
     """Run a relay: visitors and agents on one TLS port, raw TCP tunnels on a range."""
     _setup_logging(log_level)
-    _quiet_bad_server_names()
     try:
         config = RelayConfig(
             domain=names.normalize_domain(domain),
@@ -284,43 +228,9 @@ def relay(
             max_tunnels_per_token=max_tunnels_per_token,
             tunnel_creations_per_second=tunnel_rate,
         )
-
-        if workers == 1:
-
-            async def run() -> None:
-                await _serve(await Relay.start(config))
-
-            _run_async(run)
-        else:
-            _run_workers(config, bind_listeners(list(config.listen), LISTEN_BACKLOG), workers)
+        run_relay(config, workers=workers)
     except (Error, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
-
-
-def _run_workers(
-    config: RelayConfig,
-    sockets: list[socket.socket],
-    count: int,
-    on_started: Callable[[], None] | None = None,
-) -> None:
-    """Serve ``config`` from ``count`` worker processes sharing ``sockets``."""
-
-    def serve(worker: Worker) -> None:
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(
-                logging.Formatter(
-                    f"%(asctime)s %(levelname)s %(name)s[{worker.index}]: %(message)s"
-                )
-            )
-
-        async def run() -> None:
-            await _serve(await Relay.start(config, worker=worker, sockets=sockets))
-
-        _run_async(run)
-
-    if on_started is not None:
-        on_started()  # the sockets already listen: connections queue until a worker takes them
-    run_workers(count, serve)
 
 
 # -- dev ----------------------------------------------------------------------
@@ -374,7 +284,6 @@ def dev_command(
 ) -> None:
     """Run a relay on loopback for r1.localhost, with a CA it generates and keeps."""
     _setup_logging(log_level)
-    _quiet_bad_server_names()
     state = state_dir or dev.default_state_dir()
     try:
         prepared = dev.prepare(state, port, tcp_ports, plain_data=plain_data)
@@ -405,58 +314,21 @@ def dev_command(
             click.echo(f"Wrote them to {env_file}")
         click.echo("Press Ctrl-C to stop.", err=True)
 
-    async def run() -> None:
-        relay = await _start_dev_relay(prepared.config)
-        env = prepared.env(relay.public_port)
-        try:
-            await _serve(relay, lambda: started(env, relay.listening))
-        finally:
-            dev.clear_pid(state)
-
     try:
-        if workers == 1:
-            _run_async(run)
-            return
-        sockets = _bind_dev_listeners(prepared.config)
-        public_port = sockets[0].getsockname()[1]
-        config = dataclasses.replace(prepared.config, public_port=public_port)
-        listening = [sock.getsockname()[:2] for sock in sockets]
-        try:
-            _run_workers(
-                config,
-                sockets,
-                workers,
-                lambda: started(prepared.env(public_port), listening),
-            )
-        finally:
-            dev.clear_pid(state)
+        run_relay(
+            prepared.config,
+            workers=workers,
+            loopback=True,
+            on_started=lambda port, listening: started(prepared.env(port), listening),
+        )
     except (Error, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
-
-
-def _bind_dev_listeners(config: RelayConfig) -> list[socket.socket]:
-    """The dev relay's sockets for its workers: 127.0.0.1, and ::1 at the same port if it can."""
-    sockets = bind_listeners(list(config.listen[:1]), LISTEN_BACKLOG)
-    try:
-        sockets += bind_listeners([("::1", sockets[0].getsockname()[1])], LISTEN_BACKLOG)
-    except OSError as exc:
-        logging.getLogger("burrow.relay").info("not listening on [::1]: %s", exc)
-    return sockets
+    finally:
+        dev.clear_pid(state)
 
 
 def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-async def _start_dev_relay(config: RelayConfig) -> Relay:
-    """Listen on 127.0.0.1, and on ::1 at the same port when this machine has IPv6."""
-    v4 = dataclasses.replace(config, listen=config.listen[:1])
-    relay = await Relay.start(v4)
-    try:
-        await relay.add_listener("::1", relay.bound_port)
-    except OSError as exc:
-        logging.getLogger("burrow.relay").info("not listening on [::1]: %s", exc)
-    return relay
 
 
 # -- forward ------------------------------------------------------------------

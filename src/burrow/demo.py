@@ -6,7 +6,6 @@ the demo needs nothing but burrow itself.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import http.server
 import socket
@@ -24,6 +23,7 @@ import burrow
 from burrow.agent.client import runtime
 from burrow.net import tls
 from burrow.relay import dev
+from burrow.relay.process import RelayThread
 from burrow.relay.server import Relay
 from burrow.wire import names
 
@@ -60,39 +60,15 @@ def _page_server() -> Iterator[int]:
 def _dev_relay(state_dir: Path) -> Iterator[tuple[Relay, dev.DevRelay]]:
     prepared = dev.prepare(state_dir, 0, (20000, 29999))
     config = dataclasses.replace(prepared.config, listen=(("127.0.0.1", 0),))
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: list[Relay] = []
-    errors: list[BaseException] = []
-
-    async def start() -> None:
-        try:
-            holder.append(await Relay.start(config))
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            ready.set()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(start())
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, name="burrow-demo-relay", daemon=True)
-    thread.start()
-    ready.wait()
-    if errors:
-        raise errors[0]
-    relay = holder[0]
+    relay_thread = RelayThread(config, name="burrow-demo-relay")
+    relay = relay_thread.start()
     try:
         yield relay, prepared
     finally:
         # The agent's session first: it would take the relay going away for a
         # lost session and set about reconnecting.
         runtime.run(runtime.close_all())
-        asyncio.run_coroutine_threadsafe(relay.close(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
+        relay_thread.stop()
 
 
 def fetch(url: str, ca: Path) -> tuple[int, bytes]:

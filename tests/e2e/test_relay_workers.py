@@ -309,7 +309,7 @@ def test_each_worker_hands_out_only_names_it_owns(count: int) -> None:
 
 
 def test_worker_of_is_the_same_in_every_process() -> None:
-    code = "from burrow import names; print([names.worker_of(f'l{i}', 7) for i in range(20)])"
+    code = "from burrow.wire import names; print([names.worker_of(f'l{i}', 7) for i in range(20)])"
     here = str([names.worker_of(f"l{i}", 7) for i in range(20)])
     for seed in ("0", "1", "random"):
         out = subprocess.run(

@@ -1,0 +1,198 @@
+"""A relay's life as a process: start, serve until a signal, drain or close.
+
+``burrow relay`` and ``burrow dev`` run a relay with :func:`run_relay`;
+``burrow demo`` and the tests run one in a thread with :class:`RelayThread`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from burrow.net.loopthread import LoopThread
+from burrow.relay.config import RelayConfig
+from burrow.relay.server import LISTEN_BACKLOG, Relay
+from burrow.relay.workers import Worker, bind_listeners, run_workers
+
+log = logging.getLogger("burrow.relay")
+
+T = TypeVar("T")
+
+# Called once the relay listens, with its public port and every (host, port) it listens on.
+OnStarted = Callable[[int, list[tuple[str, int]]], None]
+
+
+def quiet_bad_server_names() -> None:
+    """Log, rather than print, the server names CPython's ssl cannot decode.
+
+    A ClientHello whose server name is not ASCII is refused by ssl before
+    our SNI callback runs, but CPython reports the decode error as an
+    "unraisable" exception on stderr: any visitor could fill the relay's
+    logs with them.
+    """
+    default = sys.unraisablehook
+    if getattr(default, "burrow_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, UnicodeError):
+            log.debug("refused a TLS server name that is not ASCII")
+            return
+        default(unraisable)
+
+    hook.burrow_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``main()`` on a uvloop event loop (asyncio's own where uvloop is missing)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        return asyncio.run(main())
+    return uvloop.run(main())
+
+
+async def serve(relay: Relay, on_started: Callable[[], None] | None = None) -> None:
+    """Run until a signal: SIGTERM drains connections in flight first, SIGINT does not."""
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[signal.Signals] = loop.create_future()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.done():
+            stop.set_result(sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    if on_started is not None:
+        on_started()
+    if await stop == signal.SIGTERM:
+        log.info("SIGTERM: draining for up to %gs", relay.config.drain_timeout)
+        await relay.drain()
+    else:
+        await relay.close()
+
+
+async def start_loopback(config: RelayConfig) -> Relay:
+    """Listen on 127.0.0.1, and on ::1 at the same port when this machine has IPv6.
+
+    ``config.listen`` gives the IPv4 address and port (0 picks one); the
+    IPv6 listener follows whatever port that got.
+    """
+    relay = await Relay.start(dataclasses.replace(config, listen=config.listen[:1]))
+    try:
+        await relay.add_listener("::1", relay.bound_port)
+    except OSError as exc:
+        log.info("not listening on [::1]: %s", exc)
+    return relay
+
+
+def bind_loopback(config: RelayConfig) -> list[socket.socket]:
+    """:func:`start_loopback`'s sockets, bound ahead for worker processes."""
+    sockets = bind_listeners(list(config.listen[:1]), LISTEN_BACKLOG)
+    try:
+        sockets += bind_listeners([("::1", sockets[0].getsockname()[1])], LISTEN_BACKLOG)
+    except OSError as exc:
+        log.info("not listening on [::1]: %s", exc)
+    return sockets
+
+
+def run_relay(
+    config: RelayConfig,
+    *,
+    workers: int = 1,
+    loopback: bool = False,
+    on_started: OnStarted | None = None,
+) -> None:
+    """Run a relay in this process until SIGINT or SIGTERM (SIGTERM drains first).
+
+    With ``workers`` above 1, that many forked processes share the listening
+    sockets. ``loopback`` listens as :func:`start_loopback` does (``burrow dev``).
+    """
+    quiet_bad_server_names()
+    if workers == 1:
+
+        async def main() -> None:
+            relay = await (start_loopback(config) if loopback else Relay.start(config))
+
+            def started() -> None:
+                if on_started is not None:
+                    on_started(relay.public_port, relay.listening)
+
+            await serve(relay, started)
+
+        run(main)
+        return
+    if loopback:
+        sockets = bind_loopback(config)
+    else:
+        sockets = bind_listeners(list(config.listen), LISTEN_BACKLOG)
+    public_port = config.public_port or sockets[0].getsockname()[1]
+    config = dataclasses.replace(config, public_port=public_port)
+
+    def serve_worker(worker: Worker) -> None:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(
+                logging.Formatter(
+                    f"%(asctime)s %(levelname)s %(name)s[{worker.index}]: %(message)s"
+                )
+            )
+
+        async def main() -> None:
+            await serve(await Relay.start(config, worker=worker, sockets=sockets))
+
+        run(main)
+
+    if on_started is not None:
+        # The sockets already listen: connections queue until a worker takes them.
+        on_started(public_port, [sock.getsockname()[:2] for sock in sockets])
+    run_workers(workers, serve_worker)
+
+
+class RelayThread:
+    """A relay on an event loop of its own thread, for code that is not async
+    (``burrow demo``, the tests' harness)."""
+
+    def __init__(self, config: RelayConfig, *, name: str = "burrow-relay") -> None:
+        self.config = config
+        self._thread = LoopThread(name)
+        self._relay: Relay | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, timeout: float = 30) -> Relay:
+        """Start the loop and the relay on it; the relay's start-up errors are raised here."""
+        self._loop = self._thread.loop
+        try:
+            self._relay = self._thread.run(Relay.start(self.config), timeout)
+        except BaseException:
+            self._thread.stop(timeout)
+            raise
+        return self._relay
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The relay's event loop (it stays this one after :meth:`stop`, closed)."""
+        assert self._loop is not None, "RelayThread.start() first"
+        return self._loop
+
+    @property
+    def relay(self) -> Relay:
+        assert self._relay is not None, "RelayThread.start() first"
+        return self._relay
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        """Run ``coro`` on the relay's loop and wait for its result."""
+        return self._thread.run(coro, timeout)
+
+    def stop(self, timeout: float = 10) -> None:
+        """Close the relay, then stop its loop and thread."""
+        if self._relay is not None:
+            self._thread.run(self._relay.close(), timeout)
+            self._relay = None
+        self._thread.stop(timeout)
