@@ -45,6 +45,12 @@ CONNECT_TIMEOUT: Final = 10.0
 # guards against a relay that has stopped answering.
 REPLY_TIMEOUT: Final = 30.0
 
+# Unpublishing waits no longer than this for the relay's answer: the close
+# is on the wire by then, and a relay that takes longer is silent (stopped,
+# or cut off). Ctrl-C must end a program within a second whatever the relay
+# is doing; the relay drops the tunnel at the latest with the session.
+CLOSE_TIMEOUT: Final = 0.5
+
 # After a lost session the agent reconnects, waiting first about this long,
 # then twice as long each time up to the cap: a restarted relay is found
 # within about a second of being back. Jitter (±this fraction) keeps a
@@ -363,7 +369,9 @@ class AgentSession:
         except LocalProtocolError as exc:  # pragma: no cover - a bug in burrow
             raise ConnectionError(str(exc)) from exc
 
-    async def _request(self, tunnel_id: int, message: protocol.Message) -> protocol.Message:
+    async def _request(
+        self, tunnel_id: int, message: protocol.Message, timeout: float = REPLY_TIMEOUT
+    ) -> protocol.Message:
         if self._channel is None and not self.closed:
             try:
                 await asyncio.wait_for(self._connected.wait(), REPLY_TIMEOUT)
@@ -375,7 +383,7 @@ class AgentSession:
         self._pending[tunnel_id] = future
         self._send(message)
         try:
-            return await asyncio.wait_for(future, REPLY_TIMEOUT)
+            return await asyncio.wait_for(future, timeout)
         except TimeoutError as exc:
             raise ConnectionError(f"the relay at {self.config.relay} did not answer") from exc
         finally:
@@ -414,7 +422,13 @@ class AgentSession:
         return tunnel
 
     async def close_tunnel(self, tunnel: Tunnel) -> None:
-        """Unpublish: when this returns, the relay routes the name nowhere."""
+        """Unpublish: when this returns, the relay routes the name nowhere.
+
+        Unless the relay cannot say so at once: while the session is lost the
+        tunnel is only forgotten (the lost session's tunnels end with it, and
+        reconnecting does not publish this one again), and a silent relay is
+        waited for ``CLOSE_TIMEOUT`` seconds. Neither waits for the relay.
+        """
         for agent_tunnel in list(self.tunnels.values()):
             if agent_tunnel.tunnel is tunnel:
                 break
@@ -423,10 +437,12 @@ class AgentSession:
         del self.tunnels[agent_tunnel.id]
         for splice in list(agent_tunnel.splices):
             splice.close()
-        if self.closed:
+        if self.closed or self._channel is None:
             return
         with contextlib.suppress(ConnectionError):
-            await self._request(agent_tunnel.id, protocol.Close(id=agent_tunnel.id))
+            await self._request(
+                agent_tunnel.id, protocol.Close(id=agent_tunnel.id), timeout=CLOSE_TIMEOUT
+            )
 
     # -- data connections -----------------------------------------------------
 
