@@ -1,13 +1,13 @@
 """Claims: the relay's signed proof that a tunnel's names belong to a token.
 
 A reconnecting agent shows a claim to get its label and TCP port back. The
-relay signs claims with a key derived from its own TLS key, which a
+relay signs claims with its own TLS key as the HMAC key, which a
 restarted relay (and every worker) has: no state has to survive a restart.
 Sans-IO: key bytes in, strings out.
 
 A claim reads ``<label>.<tcp port or 0>.<mac>``, the mac being the first
-:data:`CLAIM_MAC_HEX` hex digits of HMAC-SHA256 over
-``<label>.<tcp port or 0>.<token id>``.
+:data:`CLAIM_MAC_HEX` hex digits of HMAC-SHA256 keyed with the relay's TLS
+key file (its PEM bytes) over ``burrow claims v1<label>.<tcp port or 0>.<token id>``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from burrow.wire import names
 # Hex digits of HMAC-SHA256 in a claim: 128 bits, beyond guessing.
 CLAIM_MAC_HEX: Final = 32
 
-# Separates claim keys from any other use of the relay's TLS key.
+# Leads every message the relay's TLS key signs as a claim key: nothing else
+# it could be asked to sign starts so.
 CLAIM_KEY_CONTEXT: Final = b"burrow claims v1"
 
 # A TCP port has at most five digits; longer is not a claim we signed.
@@ -38,7 +39,7 @@ class Claim:
 
 
 class ClaimSigner:
-    """Signs and checks claims with a key derived from ``secret`` (the relay's TLS key)."""
+    """Signs and checks claims with ``secret`` (the bytes of the relay's TLS key file)."""
 
     def __init__(self, secret: bytes) -> None:
         self._key = hmac.new(secret, CLAIM_KEY_CONTEXT, hashlib.sha256)
