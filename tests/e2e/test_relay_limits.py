@@ -22,7 +22,6 @@ from burrow.agent.client import runtime
 from burrow.agent.session import AgentConfig, AgentSession
 from burrow.exception import RelayError
 from burrow.net.limits import raise_open_file_limit
-from burrow.relay.quota import RateLimit, TokenQuotas
 
 
 def _session(relay: RelayHarness, token: str, variant: bool = False) -> AgentSession:
@@ -200,27 +199,3 @@ def test_five_thousand_idle_sockets_do_not_stop_visitors_or_agents(tmp_path: Pat
         finally:
             for sock in idle:
                 sock.close()
-
-
-# -- the quota arithmetic, with time passed in --------------------------------------
-
-
-def test_rate_limit_allows_a_burst_then_the_rate() -> None:
-    rate = RateLimit(rate=2, burst=3)
-    assert [rate.allow(0.0) for _ in range(4)] == [True, True, True, False]
-    assert rate.allow(0.49) is False
-    assert rate.allow(0.5) is True  # one more after half a second at 2/s
-    assert not rate.full(0.5)
-    assert rate.full(2.0)
-
-
-def test_token_quotas_count_and_forget() -> None:
-    quotas = TokenQuotas(max_tunnels=10, creations_per_second=1, creation_burst=1)
-    quotas.add("t")
-    quotas.add("t")
-    assert quotas.holds("t") == 2
-    quotas.remove("t")
-    quotas.remove("t")
-    assert quotas.holds("t") == 0 and "t" not in quotas.held
-    assert quotas.may_create("t", 0.0) and not quotas.may_create("t", 0.5)
-    assert quotas.may_create("u", 0.5)
