@@ -21,8 +21,8 @@ from burrow.exception import AuthError, InvalidError
 from burrow.tokens import (
     MAX_TOKEN_LENGTH,
     TOKEN_ISSUER,
-    TokenGrant,
     TokenError,
+    TokenGrant,
     append_revocation,
     generate_signing_key,
     mint,
@@ -505,7 +505,9 @@ def test_revoked_token_is_refused_with_its_own_reason() -> None:
 
 def test_a_forgery_of_a_revoked_id_is_a_forgery() -> None:
     # Only a token we signed can be "revoked": the signature is checked first.
-    forged = signed({"alg": "EdDSA", "typ": "JWT"}, good_payload(jti="gone"), generate_signing_key())
+    forged = signed(
+        {"alg": "EdDSA", "typ": "JWT"}, good_payload(jti="gone"), generate_signing_key()
+    )
     assert reason_of(forged, now=NOW, revoked={"gone"}) == "bad-signature"
 
 
@@ -570,7 +572,9 @@ def test_token_id_of_garbage(token: str) -> None:
 
 
 def test_unverified_subject_stays_on_one_line() -> None:
-    token = signed({"alg": "EdDSA"}, good_payload(sub="evil\nrevoked-id\u2028x\x1b[31m" + "y" * 200))
+    token = signed(
+        {"alg": "EdDSA"}, good_payload(sub="evil\nrevoked-id\u2028x\x1b[31m" + "y" * 200)
+    )
     subject = unverified_subject(token)
     assert subject is not None
     assert subject.isprintable()
