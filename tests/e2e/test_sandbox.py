@@ -27,7 +27,7 @@ from burrow.exception import (
     SandboxTerminatedError,
     SandboxTimeoutError,
 )
-from burrow.sandbox import IsolationLevel
+from burrow.sandbox import IsolationLevel, isolation
 from burrow.sandbox import core as sandbox
 
 PY = sys.executable
@@ -49,7 +49,7 @@ def _curl(relay: RelayHarness, url: str, *args: str) -> subprocess.CompletedProc
 
 
 def _level_or_skip(level: IsolationLevel) -> None:
-    why = sandbox._try(level)
+    why = isolation.why_not(level)
     if why is not None:
         pytest.skip(f"isolation {level.value} does not work on this machine: {why}")
 
@@ -301,12 +301,12 @@ def test_isolation_levels(
     assert seen["hostname"] == sb.object_id
     assert sb.isolation.read_only_root and "/tmp" in sb.isolation.private_dirs
     if os.getuid() == 0:
-        assert seen["uid"] == sandbox.SANDBOX_ID_FOR_ROOT
+        assert seen["uid"] == isolation.SANDBOX_ID_FOR_ROOT
     assert str(sb.isolation).startswith("bwrap (")
 
 
 def test_terminate_kills_every_process_of_the_sandbox(relay: RelayHarness, tmp_path: Path) -> None:
-    _level_or_skip(sandbox.available_isolation())
+    _level_or_skip(isolation.available_isolation())
     # The command starts a grandchild that would outlive a plain kill of its parent.
     script = (
         "import subprocess, sys, time;"
@@ -429,11 +429,11 @@ def test_without_relay_settings_it_says_what_to_set() -> None:
 def test_a_level_that_does_not_work_is_refused_when_required(
     relay: RelayHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sandbox._works, IsolationLevel.BWRAP, "bwrap failed here: no userns")
+    monkeypatch.setitem(isolation._works, IsolationLevel.BWRAP, "bwrap failed here: no userns")
     with pytest.raises(InvalidError, match="'bwrap' does not work on this machine: bwrap failed"):
         burrow.Sandbox.create("true", isolation="bwrap", client=relay.client())
     # auto falls back to the next level that works.
-    assert sandbox.available_isolation() is not IsolationLevel.BWRAP
+    assert isolation.available_isolation() is not IsolationLevel.BWRAP
 
 
 def test_sandbox_cannot_be_made_directly() -> None:

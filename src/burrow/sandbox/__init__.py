@@ -1,4 +1,8 @@
-"""``burrow.Sandbox``: a command run in isolation, its ports forwarded by this process's agent."""
+"""``burrow.Sandbox``: a command run in isolation, its ports forwarded by this process's agent.
+
+``core`` is the sandbox and its life, ``isolation`` the levels and the argv
+of each, ``streams`` its output; ``cli`` is ``burrow sandbox``.
+"""
 
 from burrow.sandbox.core import (
     DEFAULT_TIMEOUT,
@@ -6,11 +10,10 @@ from burrow.sandbox.core import (
     EXIT_TERMINATED,
     EXIT_TIMEOUT,
     MAX_TIMEOUT,
-    IsolationLevel,
     Sandbox,
-    SandboxStream,
-    available_isolation,
 )
+from burrow.sandbox.isolation import Isolation, IsolationLevel, available_isolation
+from burrow.sandbox.streams import SandboxStream
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -18,6 +21,7 @@ __all__ = [
     "EXIT_TERMINATED",
     "EXIT_TIMEOUT",
     "MAX_TIMEOUT",
+    "Isolation",
     "IsolationLevel",
     "Sandbox",
     "SandboxStream",

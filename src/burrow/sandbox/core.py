@@ -2,18 +2,18 @@
 
 The command runs under bubblewrap when it works here (read-only root,
 private /tmp, its own user, pid, ipc and uts namespaces), else in namespaces
-from ``unshare``, else as a plain process group. This process's agent
-forwards the declared ports under the sandbox's workload id until the
-command ends or its timeout passes; then every process of the sandbox is
-killed and the tunnels are closed.
+from ``unshare``, else as a plain process group (``isolation.py`` builds
+each). This process's agent forwards the declared ports under the sandbox's
+workload id until the command ends or its timeout passes; then every
+process of the sandbox is killed, its workdir removed and the tunnels closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
-import enum
 import logging
 import os
 import secrets
@@ -23,11 +23,11 @@ import subprocess
 import sys
 import tempfile
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Concatenate, Final, ParamSpec, TypeVar
+from typing import Final
 
 from burrow._aio import dual_method
 from burrow.agent.client import Client, forward, runtime, workload_env
@@ -39,14 +39,26 @@ from burrow.exception import (
     SandboxTimeoutError,
 )
 from burrow.net import ready
+from burrow.sandbox.isolation import (
+    HIDDEN_DIRS,
+    Host,
+    Isolation,
+    IsolationLevel,
+    choose,
+    command_argv,
+    hiding,
+    shown_dirs,
+)
+from burrow.sandbox.streams import (
+    SandboxStream,
+    agent_loop_method,
+    on_agent_loop,
+    on_agent_loop_async,
+)
 from burrow.tunnel import Tunnel
 from burrow.wire import allowlist
 
 log = logging.getLogger("burrow.sandbox")
-
-P = ParamSpec("P")
-T = TypeVar("T")
-S = TypeVar("S")
 
 # Modal's exit codes for a sandbox that did not end by itself, as `timeout(1)`
 # and a SIGKILL would give them.
@@ -60,192 +72,17 @@ EXIT_NOT_STARTED: Final = 125
 # pipes: a process that escaped the sandbox's group could hold them open.
 PUMP_DRAIN_TIMEOUT: Final = 5.0
 
-# How long ending one sandbox may hold up the interpreter's exit.
+# How long ending the sandboxes still running may hold up the interpreter's
+# exit; all end at once, each within about PUMP_DRAIN_TIMEOUT.
 AT_EXIT_TIMEOUT: Final = 10.0
 
 # Modal's default lifetime of a sandbox, and its upper bound (24 hours).
 DEFAULT_TIMEOUT: Final = 300
 MAX_TIMEOUT: Final = 24 * 3600
 
-# Output kept per stream for read(): a sandbox nobody reads must neither
-# block on a full pipe nor grow without bound, so the oldest bytes go first.
-MAX_BUFFERED_OUTPUT: Final = 16 * 1024 * 1024
-READ_CHUNK: Final = 64 * 1024
-
-# How long the trial run of an isolation tool may take before it counts as broken.
-PROBE_TIMEOUT: Final = 10.0
-
 # The only variables a sandbox inherits from this process: a sandbox should
 # not see the secrets of the program that starts it.
 PASSED_ENV: Final = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TERM", "TZ")
-
-# The uid and gid a sandbox runs as when bubblewrap is started by root: an
-# unprivileged id inside a user namespace holds no capabilities.
-SANDBOX_ID_FOR_ROOT: Final = 65534
-
-# Directories replaced by an empty tmpfs under bubblewrap: scratch space the
-# sandbox gets its own of, and places where a host keeps sockets and secrets.
-PRIVATE_DIRS: Final = ("/tmp", "/var/tmp", "/run", "/dev/shm")
-HOME_DIRS: Final = ("/root", "/home")
-
-
-class IsolationLevel(enum.StrEnum):
-    """How far a sandbox is kept apart from the machine, best first."""
-
-    BWRAP = "bwrap"
-    """bubblewrap: read-only root, private /tmp and /run, home directories
-    hidden, its own user (no capabilities), pid, ipc, uts and mount namespaces."""
-
-    UNSHARE = "unshare"
-    """``unshare``: its own pid, ipc, uts and mount namespaces; the file
-    system is the machine's, writable as this user."""
-
-    NONE = "none"
-    """A plain process group: no isolation, only lifetime control."""
-
-
-@dataclass(frozen=True)
-class Isolation:
-    """What is in effect for one sandbox (``sb.isolation``)."""
-
-    level: IsolationLevel
-    namespaces: tuple[str, ...] = ()
-    """The Linux namespaces the sandbox has of its own."""
-
-    read_only_root: bool = False
-    private_dirs: tuple[str, ...] = ()
-    """Directories the sandbox sees as empty and private (its own tmpfs)."""
-
-    network: str = "shared"
-    """Always ``shared``: the sandbox uses the machine's network, so that the
-    agent reaches its ports on 127.0.0.1 and ``forward()`` inside it reaches the relay."""
-
-    def __str__(self) -> str:
-        parts = [f"namespaces: {', '.join(self.namespaces) or 'none'}"]
-        if self.read_only_root:
-            parts.append("read-only root")
-        if self.private_dirs:
-            parts.append(f"private {', '.join(self.private_dirs)}")
-        parts.append(f"network {self.network}")
-        return f"{self.level.value} ({'; '.join(parts)})"
-
-
-# -- isolation ----------------------------------------------------------------
-
-
-def _bwrap_args(hidden: Sequence[str], sandbox_id: str) -> list[str]:
-    """bubblewrap's options, without the binds of one sandbox's workdir and CA."""
-    args = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    for path in hidden:
-        if os.path.isdir(path):
-            args += ["--tmpfs", path]
-    # A resolv.conf that points into /run (systemd-resolved) must survive /run going private.
-    resolv = os.path.realpath("/etc/resolv.conf")
-    if resolv.startswith("/run/") and os.path.exists(resolv):
-        args += ["--ro-bind", resolv, resolv]
-    args += ["--unshare-user"]
-    if os.getuid() == 0:
-        args += ["--uid", str(SANDBOX_ID_FOR_ROOT), "--gid", str(SANDBOX_ID_FOR_ROOT)]
-    args += [
-        "--unshare-pid",
-        "--unshare-ipc",
-        "--unshare-uts",
-        "--unshare-cgroup-try",
-        "--hostname",
-        sandbox_id,
-        "--die-with-parent",
-        "--new-session",
-    ]
-    return args
-
-
-def _unshare_args() -> list[str]:
-    args = ["unshare", "--fork", "--pid", "--mount-proc", "--ipc", "--uts", "--kill-child"]
-    if os.getuid() != 0:
-        args += ["--user", "--map-root-user"]
-    return args
-
-
-def _lifetime_args() -> list[str]:
-    """For the levels without --die-with-parent: no setuid gains, death with this process.
-
-    The parent-death signal follows the thread that started the process:
-    sandboxes are started from the agent's thread, which lives as long as the
-    process does.
-    """
-    if shutil.which("setpriv") is None:
-        return []
-    return ["setpriv", "--no-new-privs", "--pdeathsig", "KILL", "--"]
-
-
-_ISOLATION_NAMESPACES: Final = {
-    IsolationLevel.BWRAP: ("user", "pid", "ipc", "uts", "mount", "cgroup"),
-    IsolationLevel.UNSHARE: ("pid", "ipc", "uts", "mount"),
-    IsolationLevel.NONE: (),
-}
-
-_works: dict[IsolationLevel, str | None] = {}
-
-
-def _try(level: IsolationLevel) -> str | None:
-    """``None`` if ``level`` works on this machine, else why not (a trial run, cached)."""
-    if level in _works:
-        return _works[level]
-    true = shutil.which("true") or "/bin/true"
-    if level is IsolationLevel.BWRAP:
-        if shutil.which("bwrap") is None:
-            why: str | None = "bwrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
-        else:
-            why = _trial([*_bwrap_args([*PRIVATE_DIRS, *HOME_DIRS], "probe"), "--", true])
-    elif level is IsolationLevel.UNSHARE:
-        if shutil.which("unshare") is None:
-            why = "unshare is not installed (util-linux)"
-        else:
-            why = _trial([*_unshare_args(), *_lifetime_args(), true])
-    else:
-        why = None
-    _works[level] = why
-    return why
-
-
-def _trial(argv: list[str]) -> str | None:
-    try:
-        result = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            timeout=PROBE_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"{argv[0]} failed: {exc}"
-    if result.returncode != 0:
-        message = result.stderr.decode(errors="replace").strip().splitlines()
-        return f"{argv[0]} failed here: {message[-1] if message else f'exit {result.returncode}'}"
-    return None
-
-
-def available_isolation() -> IsolationLevel:
-    """The best isolation level that works on this machine (tried once per process)."""
-    for level in IsolationLevel:
-        if _try(level) is None:
-            return level
-    raise AssertionError("a plain process always works")
-
-
-def _choose(requested: str) -> IsolationLevel:
-    if requested == "auto":
-        return available_isolation()
-    try:
-        level = IsolationLevel(requested)
-    except ValueError:
-        choices = ", ".join(["auto", *IsolationLevel])
-        raise InvalidError(f"isolation must be one of {choices}, not {requested!r}") from None
-    why = _try(level)
-    if why is not None:
-        raise InvalidError(f"isolation {level.value!r} does not work on this machine: {why}")
-    return level
 
 
 def _python_prefixes() -> set[str]:
@@ -257,106 +94,6 @@ def _burrow_root() -> str:
     import burrow
 
     return os.path.dirname(os.path.dirname(os.path.realpath(burrow.__file__)))
-
-
-def _under(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(directory.rstrip("/") + "/")
-
-
-def _on_agent_loop(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run ``coro`` on the agent loop and wait for it (from a plain thread)."""
-    return runtime.run(coro)
-
-
-def _on_agent_loop_async(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run ``coro`` on the agent loop; the caller's loop awaits the result."""
-    return asyncio.wrap_future(runtime.submit(coro))
-
-
-# -- output -------------------------------------------------------------------
-
-
-class SandboxStream:
-    """The stdout or stderr of a sandbox.
-
-    ``read()`` waits for the end and returns all text not read yet;
-    ``for line in sb.stdout`` gives lines as they come (``async for`` too).
-    ``await sb.stdout.read.aio()`` is the async ``read()``.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._buffer = bytearray()
-        self._eof = False
-        self._changed: asyncio.Event | None = None  # made on the agent loop
-        self.dropped = 0
-        """Bytes dropped unread because more than ``MAX_BUFFERED_OUTPUT`` was waiting."""
-
-    def _event(self) -> asyncio.Event:
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        return self._changed
-
-    def _feed(self, data: bytes) -> None:
-        self._buffer += data
-        excess = len(self._buffer) - MAX_BUFFERED_OUTPUT
-        if excess > 0:
-            del self._buffer[:excess]
-            self.dropped += excess
-        self._event().set()
-
-    def _close(self) -> None:
-        self._eof = True
-        self._event().set()
-
-    async def _pump(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while chunk := await reader.read(READ_CHUNK):
-                self._feed(chunk)
-        except OSError as exc:  # pragma: no cover - a pipe does not fail on Linux
-            log.debug("%s: %s", self.name, exc)
-        finally:
-            self._close()
-
-    async def _read(self) -> str:
-        while not self._eof:
-            event = self._event()
-            event.clear()
-            await event.wait()
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        return data.decode(errors="replace")
-
-    read = dual_method(_read, _on_agent_loop, _on_agent_loop_async)
-
-    async def _readline(self) -> str | None:
-        while True:
-            end = self._buffer.find(b"\n")
-            if end >= 0 or (self._eof and self._buffer):
-                end = end + 1 if end >= 0 else len(self._buffer)
-                line = bytes(self._buffer[:end])
-                del self._buffer[:end]
-                return line.decode(errors="replace")
-            if self._eof:
-                return None
-            event = self._event()
-            event.clear()
-            await event.wait()
-
-    def __iter__(self) -> Iterator[str]:
-        while (line := _on_agent_loop(self._readline())) is not None:
-            yield line
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        while (line := await _on_agent_loop_async(self._readline())) is not None:
-            yield line
-
-
-def _agent_loop_method(
-    fn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
-) -> dual_method[S, P, T]:
-    """A coroutine method that runs on the agent loop: ``m()`` blocks, ``await m.aio()`` not."""
-    return dual_method(fn, _on_agent_loop, _on_agent_loop_async)
 
 
 # -- the sandbox --------------------------------------------------------------
@@ -428,11 +165,12 @@ def _terminate_live_sandboxes() -> None:
     """At exit, end the sandboxes still running, so their tunnels close and workdirs go.
 
     (They would die with the process anyway; this also cleans up after them.)
+    All are ended at once, under one deadline: ended one by one, a few slow
+    ones would use up the time of the others.
     """
-    for sb in list(_live):
-        if sb.poll() is None:
-            with contextlib.suppress(Exception):
-                runtime.submit(sb._terminate()).result(timeout=AT_EXIT_TIMEOUT)
+    running = [runtime.submit(sb._terminate()) for sb in list(_live) if sb.poll() is None]
+    if running:
+        concurrent.futures.wait(running, timeout=AT_EXIT_TIMEOUT)
 
 
 class Sandbox:
@@ -461,7 +199,7 @@ class Sandbox:
 
     # -- creation -------------------------------------------------------------
 
-    create = dual_method(_create_sandbox, _on_agent_loop, _on_agent_loop_async, on_class=True)
+    create = dual_method(_create_sandbox, on_agent_loop, on_agent_loop_async, on_class=True)
     """Start ``cmd`` in a sandbox and publish its ports; returns the :class:`Sandbox`.
 
     ``Sandbox.create("python", "-m", "http.server", "8000", encrypted_ports=[8000])``
@@ -520,7 +258,7 @@ class Sandbox:
                 allowlist.parse(inbound_cidr_allowlist)
             except InvalidError as exc:
                 raise InvalidError(f"inbound_cidr_allowlist: {exc}") from None
-        level = await asyncio.to_thread(_choose, isolation)
+        level = await asyncio.to_thread(choose, isolation)
 
         self.object_id = "sb-" + secrets.token_urlsafe(12)
         self._timeout = float(timeout)
@@ -578,52 +316,39 @@ class Sandbox:
             raise InvalidError(f"Cannot run {program!r}: no such executable file")
         found = os.path.abspath(found)
 
+        shown: list[str] = []
         if level is IsolationLevel.BWRAP:
-            hidden = [*PRIVATE_DIRS, *HOME_DIRS]
             # Home directories and /tmp are hidden, but the Python running burrow
             # (pyenv, or a virtualenv under /tmp, say), burrow itself (an editable
             # install's source tree) and the prefix of the command's bin/
             # directory are shown again, read-only, if they live there.
-            shown = sorted(
-                {
-                    path
-                    for path in (
-                        *(os.path.realpath(p) for p in _python_prefixes()),
-                        _burrow_root(),
-                        os.path.dirname(os.path.dirname(os.path.realpath(found))),
-                    )
-                    if any(_under(path, home) and path != home for home in hidden)
-                }
+            real = os.path.realpath(found)
+            shown = shown_dirs(
+                HIDDEN_DIRS,
+                [
+                    *(os.path.realpath(p) for p in _python_prefixes()),
+                    _burrow_root(),
+                    os.path.dirname(os.path.dirname(real)),
+                ],
             )
-            visible = [workdir, *shown]
-            for directory in hidden:
-                real = os.path.realpath(found)
-                if _under(real, directory) and not any(_under(real, v) for v in visible):
-                    raise InvalidError(
-                        f"Cannot run {found!r} in the sandbox: {directory} is private there; "
-                        "put it in the workdir or elsewhere"
-                    )
-            argv = _bwrap_args(hidden, self.object_id)
-            for path in shown:
-                argv += ["--ro-bind", path, path]
-            argv += ["--bind", workdir, workdir]
-            if self._settings.ca is not None:
-                ca = str(self._settings.ca.resolve())
-                argv += ["--ro-bind", ca, ca]
-                child_env["BURROW_CA"] = ca
-            argv += ["--chdir", workdir, "--", found, *cmd[1:]]
-            self.isolation = Isolation(
-                level,
-                _ISOLATION_NAMESPACES[level],
-                read_only_root=True,
-                private_dirs=tuple(d for d in hidden if os.path.isdir(d)),
-            )
-        elif level is IsolationLevel.UNSHARE:
-            argv = [*_unshare_args(), *_lifetime_args(), found, *cmd[1:]]
-            self.isolation = Isolation(level, _ISOLATION_NAMESPACES[level])
-        else:
-            argv = [*_lifetime_args(), found, *cmd[1:]]
-            self.isolation = Isolation(level)
+            hidden_by = hiding(real, HIDDEN_DIRS, [workdir, *shown])
+            if hidden_by is not None:
+                raise InvalidError(
+                    f"Cannot run {found!r} in the sandbox: {hidden_by} is private there; "
+                    "put it in the workdir or elsewhere"
+                )
+        ca = str(self._settings.ca.resolve()) if self._settings.ca is not None else None
+        argv, self.isolation = command_argv(
+            level,
+            Host.here(),
+            [found, *cmd[1:]],
+            hostname=self.object_id,
+            workdir=workdir,
+            shown=shown,
+            ca=ca,
+        )
+        if level is IsolationLevel.BWRAP and ca is not None:
+            child_env["BURROW_CA"] = ca
         return argv, child_env
 
     # -- life -----------------------------------------------------------------
@@ -676,16 +401,19 @@ class Sandbox:
                     # Whatever the command left behind in its process group goes with it.
                     self._kill()
                     code = await self._proc.wait()
+                # Nothing of the sandbox runs now: its workdir goes first, so
+                # that nothing below (a silent relay, pipes held open) can keep
+                # it when the interpreter's exit stops waiting. Not in a worker
+                # thread: at interpreter exit no new ones may start.
+                self._remove_workdir()
                 self._published.set()
                 await self._close_tunnels()
-                for pump in pumps:
+                if pumps:
                     # Output still in the pipes is read to the end, unless someone
                     # outside the sandbox's process group holds them open.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(pump), PUMP_DRAIN_TIMEOUT)
-                    pump.cancel()
-                # Not in a worker thread: at interpreter exit no new ones may start.
-                self._remove_workdir()
+                    await asyncio.wait(pumps, timeout=PUMP_DRAIN_TIMEOUT)
+                    for pump in pumps:
+                        pump.cancel()
             finally:
                 self.stdout._close()
                 self.stderr._close()
@@ -739,11 +467,15 @@ class Sandbox:
 
     async def _close_tunnels(self) -> None:
         self._tunnels = {}
-        for fw in self._forwards:
-            try:
-                await fw._close()
-            except Error as exc:  # the relay may be gone; the tunnel goes with the session
-                log.debug("sandbox %s: closing port %d: %s", self.object_id, fw.port, exc)
+        # All at once: each may wait a moment for a silent relay.
+        results = await asyncio.gather(
+            *(fw._close() for fw in self._forwards), return_exceptions=True
+        )
+        for fw, result in zip(self._forwards, results, strict=True):
+            if isinstance(result, Error):  # the relay may be gone; the tunnel goes with the session
+                log.debug("sandbox %s: closing port %d: %s", self.object_id, fw.port, result)
+            elif isinstance(result, BaseException):
+                raise result
         if self._ports:
             await runtime.close_session(self._settings)
 
@@ -771,7 +503,7 @@ class Sandbox:
             )
         return dict(self._tunnels)
 
-    tunnels = _agent_loop_method(_tunnels_of)
+    tunnels = agent_loop_method(_tunnels_of)
     """``{port: Tunnel}`` of the declared ports, once all are published.
 
     Raises ``SandboxTimeoutError`` if that takes more than ``timeout`` seconds,
@@ -791,7 +523,7 @@ class Sandbox:
         if self._ended_by == "terminate" and raise_on_termination:
             raise SandboxTerminatedError(f"Sandbox {self.object_id} was terminated")
 
-    wait = _agent_loop_method(_wait)
+    wait = agent_loop_method(_wait)
     """Wait for the sandbox to end; its tunnels are closed by then.
 
     Raises ``SandboxTimeoutError`` if it was killed for running past its
@@ -808,7 +540,7 @@ class Sandbox:
             self._kill()
             await self._finished.wait()
 
-    terminate = _agent_loop_method(_terminate)
+    terminate = agent_loop_method(_terminate)
     """Kill every process of the sandbox and close its tunnels; returns when done.
     Does nothing to a sandbox that has ended. ``await sb.terminate.aio()`` is the async form."""
 
@@ -836,7 +568,7 @@ class Sandbox:
             gone=gone,
         )
 
-    wait_ready = _agent_loop_method(_wait_ready)
+    wait_ready = agent_loop_method(_wait_ready)
     """Wait until the server in the sandbox accepts connections on ``port``.
 
     ``sb.wait_ready(8000, timeout=60)``; with ``http_path="/"`` an HTTP/1.1
