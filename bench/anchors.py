@@ -183,9 +183,46 @@ def _sshd_config(tmp: Path, port: int) -> Path:
     return config
 
 
+@dataclass(frozen=True)
+class Sshd:
+    """A running sshd on loopback and the client key it accepts."""
+
+    port: int
+    client_key: Path
+    proc: subprocess.Popen[bytes]
+
+    def reverse_argv(self, forwards: list[tuple[int, int]]) -> list[str]:
+        """``ssh -N -R`` forwarding each (remote port, local port) pair through this sshd."""
+        spec: list[str] = []
+        for port, target in forwards:
+            spec += ["-R", f"{HOST}:{port}:{HOST}:{target}"]
+        return [
+            "ssh",
+            "-N",
+            "-i",
+            str(self.client_key),
+            "-p",
+            str(self.port),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "LogLevel=ERROR",
+            *spec,
+            f"{getpass.getuser()}@{HOST}",
+        ]
+
+
 @contextlib.contextmanager
-def ssh_reverse(backends: Backends, tmp: Path) -> Iterator[Setup]:
-    """Debian's sshd on loopback, and ``ssh -N -R`` forwarding each port through it."""
+def sshd(tmp: Path) -> Iterator[Sshd]:
+    """Debian's sshd on loopback, with fresh host and client keys."""
     tmp.mkdir(parents=True, exist_ok=True)
     _keygen(tmp / "host_key")
     _keygen(tmp / "client_key")
@@ -194,45 +231,24 @@ def ssh_reverse(backends: Backends, tmp: Path) -> Iterator[Setup]:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     sshd_port = free_port()
     config = _sshd_config(tmp, sshd_port)
+    sshd_log = tmp / "sshd.log"
+    with running([SSHD, "-D", "-e", "-f", str(config)], sshd_log) as proc:
+        wait_port(sshd_port, proc, sshd_log, "sshd")
+        yield Sshd(sshd_port, tmp / "client_key", proc)
+
+
+@contextlib.contextmanager
+def ssh_reverse(backends: Backends, tmp: Path) -> Iterator[Setup]:
+    """Debian's sshd on loopback, and ``ssh -N -R`` forwarding each port through it."""
     with contextlib.ExitStack() as stack:
-        sshd_log = tmp / "sshd.log"
-        sshd = stack.enter_context(running([SSHD, "-D", "-e", "-f", str(config)], sshd_log))
-        wait_port(sshd_port, sshd, sshd_log, "sshd")
+        server = stack.enter_context(sshd(tmp))
         ports = [free_port() for _ in _forwarded(backends)]
-        forwards: list[str] = []
-        for port, target in zip(ports, _forwarded(backends), strict=True):
-            forwards += ["-R", f"{HOST}:{port}:{HOST}:{target}"]
         ssh_log = tmp / "ssh.log"
-        ssh = stack.enter_context(
-            running(
-                [
-                    "ssh",
-                    "-N",
-                    "-i",
-                    str(tmp / "client_key"),
-                    "-p",
-                    str(sshd_port),
-                    "-o",
-                    "StrictHostKeyChecking=no",
-                    "-o",
-                    "UserKnownHostsFile=/dev/null",
-                    "-o",
-                    "BatchMode=yes",
-                    "-o",
-                    "IdentitiesOnly=yes",
-                    "-o",
-                    "ExitOnForwardFailure=yes",
-                    "-o",
-                    "LogLevel=ERROR",
-                    *forwards,
-                    f"{getpass.getuser()}@{HOST}",
-                ],
-                ssh_log,
-            )
-        )
+        argv = server.reverse_argv(list(zip(ports, _forwarded(backends), strict=True)))
+        ssh = stack.enter_context(running(argv, ssh_log))
         for port in ports:
             wait_port(port, ssh, ssh_log, "ssh -R")
-        yield _relayed("ssh", "ssh -R", ports, backends, [("sshd", sshd), ("ssh -R", ssh)])
+        yield _relayed("ssh", "ssh -R", ports, backends, [("sshd", server.proc), ("ssh -R", ssh)])
 
 
 # -- burrow -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from procs import HOST, BenchError, free_port, running, tail, wait_port
 
-from burrow.net import tls
+from burrow.net import devca
 
 DEV_DOMAIN = "r1.localhost"
 BIG_PATH = "/big"
@@ -83,7 +83,7 @@ http {{
 @contextlib.contextmanager
 def backends(tmp: Path, state_dir: Path, big_size: int) -> Iterator[Backends]:
     """Start iperf3 and nginx; ``state_dir`` gets the dev CA that burrow dev will reuse."""
-    certs = tls.ensure_dev_certificates(state_dir, DEV_DOMAIN)
+    certs = devca.ensure_dev_certificates(state_dir, DEV_DOMAIN)
     www = tmp / "www"
     www.mkdir(parents=True, exist_ok=True)
     big = www / BIG_PATH.lstrip("/")

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import burrow
 from burrow import tokens
 from burrow.agent.client import runtime
-from burrow.net import tls
+from burrow.net import devca
 from burrow.relay.config import RelayConfig
 from burrow.relay.process import RelayThread
 from burrow.relay.server import Relay
@@ -78,7 +78,7 @@ class RelayHarness:
 def run_relay(state_dir: Path, **overrides: Any) -> Iterator[RelayHarness]:
     """Start a relay for ``r1.localhost`` on 127.0.0.1 port 0 (and ::1 when asked)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    certs = tls.ensure_dev_certificates(state_dir, DOMAIN)
+    certs = devca.ensure_dev_certificates(state_dir, DOMAIN)
     key = tokens.generate_signing_key()
     public_key = state_dir / "token-public.pem"
     if public_key.exists():

@@ -6,11 +6,35 @@ with burrow.forward(8000) as tunnel:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import os
+from typing import TYPE_CHECKING, Any
+
+from burrow.env import ENV_CA, ENV_RELAY
+from burrow.net import tls
+
+# A workload given its relay and no private CA will trust the system's CAs:
+# parsing them takes tens of milliseconds, done on another thread while the
+# rest of burrow (asyncio and all) is imported, so that forward() finds them
+# loaded. Imports below this line are the ones it overlaps.
+if os.environ.get(ENV_RELAY) and not os.environ.get(ENV_CA):
+    tls.preload_system_trust()
 
 from burrow import exception
+from burrow._version import __version__
 from burrow.agent.client import Client, forward
-from burrow.sandbox import Sandbox
 from burrow.tunnel import Tunnel
 
+if TYPE_CHECKING:
+    from burrow.sandbox import Sandbox
+
 __all__ = ["Client", "Sandbox", "Tunnel", "__version__", "exception", "forward"]
+
+
+def __getattr__(name: str) -> Any:
+    # Sandbox brings process management that forward() never needs: it is
+    # imported on first use, so that `import burrow` stays cheap.
+    if name == "Sandbox":
+        from burrow.sandbox import Sandbox
+
+        return Sandbox
+    raise AttributeError(f"module 'burrow' has no attribute {name!r}")

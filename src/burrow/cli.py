@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import secrets
 import signal
@@ -10,15 +11,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from burrow import tokens
+from burrow.env import DEV_PORT
 from burrow.exception import Error
 from burrow.launch.cli import launch
 from burrow.net.limits import raise_open_file_limit
-from burrow.relay import dev
 from burrow.relay.config import (
     DRAIN_TIMEOUT,
     HANDSHAKE_TIMEOUT,
@@ -28,10 +29,36 @@ from burrow.relay.config import (
     TUNNEL_CREATIONS_PER_SECOND,
     RelayConfig,
 )
-from burrow.relay.process import run_relay
 from burrow.sandbox.cli import sandbox_command
 from burrow.stop import StopFlag
 from burrow.wire import names
+
+
+def _lazy(name: str) -> ModuleType:
+    """Module ``name``, run on first use of one of its names.
+
+    `burrow forward` and `burrow run` need neither the relay's code nor JWT
+    and its cryptography, which would take longer to import than the
+    forward takes to set up.
+    """
+    if name in sys.modules:  # imported already: there must be one module object
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.loader is not None, name
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+if TYPE_CHECKING:
+    from burrow import tokens
+    from burrow.relay import dev, process
+else:
+    tokens = _lazy("burrow.tokens")
+    dev = _lazy("burrow.relay.dev")
+    process = _lazy("burrow.relay.process")
 
 
 def _setup_logging(level: str) -> None:
@@ -228,7 +255,7 @@ def relay(
             max_tunnels_per_token=max_tunnels_per_token,
             tunnel_creations_per_second=tunnel_rate,
         )
-        run_relay(config, workers=workers)
+        process.run_relay(config, workers=workers)
     except (Error, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -240,7 +267,7 @@ def relay(
 @click.option(
     "--port",
     type=int,
-    default=dev.DEV_PORT,
+    default=DEV_PORT,
     show_default=True,
     help="Loopback port of the relay (0 picks a free one).",
 )
@@ -315,7 +342,7 @@ def dev_command(
         click.echo("Press Ctrl-C to stop.", err=True)
 
     try:
-        run_relay(
+        process.run_relay(
             prepared.config,
             workers=workers,
             loopback=True,

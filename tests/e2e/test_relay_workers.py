@@ -222,9 +222,9 @@ def test_garbage_on_a_workers_relay_is_refused_and_it_keeps_serving(tmp_path: Pa
 
 def test_relay_command_with_workers_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     """`burrow relay --workers 2` with an operator's key files, as in the README."""
-    from burrow.net import tls
+    from burrow.net import devca
 
-    certs = tls.ensure_dev_certificates(tmp_path / "certs", DOMAIN)
+    certs = devca.ensure_dev_certificates(tmp_path / "certs", DOMAIN)
     key = tokens.generate_signing_key()
     tokens.write_public_key(key, tmp_path / "token-public.pem")
     with socket.socket() as probe:  # a free port for --listen

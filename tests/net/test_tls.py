@@ -1,4 +1,5 @@
-"""Tests for burrow.net.tls: contexts, and the dev CA checked by curl and by Python's ssl."""
+"""Tests for burrow.net.tls and burrow.net.devca: contexts, and the dev CA checked by curl and
+by Python's ssl."""
 
 from __future__ import annotations
 
@@ -17,12 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from burrow.exception import InvalidError
-from burrow.net.tls import (
-    DevCertificates,
-    client_context,
-    ensure_dev_certificates,
-    server_context,
-)
+from burrow.net.devca import DevCertificates, ensure_dev_certificates
+from burrow.net.tls import client_context, server_context
 
 CURL = "/usr/bin/curl"
 DOMAIN = "r1.localhost"

@@ -14,26 +14,24 @@ from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 from burrow.agent.session import AgentConfig, AgentSession
+from burrow.env import (
+    ENV_CA,
+    ENV_PLAIN_DATA,
+    ENV_RELAY,
+    ENV_TOKEN,
+    ENV_WORKLOAD,
+    running_dev_env,
+)
 from burrow.exception import InvalidError
 from burrow.net.limits import raise_open_file_limit
 from burrow.net.loopthread import LoopThread
-from burrow.relay.dev import running_dev_env
 from burrow.tunnel import Tunnel
 from burrow.wire import allowlist
 
 T = TypeVar("T")
-
-ENV_RELAY: Final = "BURROW_RELAY"
-ENV_TOKEN: Final = "BURROW_TOKEN"
-ENV_CA: Final = "BURROW_CA"
-ENV_PLAIN_DATA: Final = "BURROW_PLAIN_DATA"
-# Set by `burrow run` for every process of one workload: the relay lets a
-# workload forward each port once, whichever of its processes asks.
-ENV_WORKLOAD: Final = "BURROW_WORKLOAD"
-
 
 @dataclass(frozen=True)
 class Client:
@@ -46,7 +44,7 @@ class Client:
     """Agent token (``BURROW_TOKEN``)."""
 
     ca: str | Path | None = None
-    """CA certificate file to trust for the relay (``BURROW_CA``)."""
+    """CA certificate file to trust for the relay (``BURROW_CA``), instead of the system's CAs."""
 
     plain_data: bool | None = None
     """Use the relay's plaintext data port if offered (``BURROW_PLAIN_DATA=1``);

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from burrow import __version__
+from burrow._version import __version__
 from burrow.agent.errors import from_wire
 from burrow.exception import ConnectionError, Error, LocalProtocolError, RemoteProtocolError
 from burrow.net import tls
@@ -82,7 +82,7 @@ class AgentConfig:
     """Signed agent token."""
 
     ca: Path | None = None
-    """Extra CA certificate to trust for the relay (a private or dev CA)."""
+    """The CA to trust for the relay instead of the system's (a private or dev CA)."""
 
     plain_data: bool = False
     """Use the relay's plaintext data port when it offers one (trusted networks only)."""
@@ -116,8 +116,8 @@ class AgentSession:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.host, self.port = config.address
-        self._context = tls.client_context(config.ca, [protocol.ALPN_CONTROL])
-        self._data_context = tls.client_context(config.ca, [protocol.ALPN_DATA])
+        # Control and data connections share one context: one trust store to load.
+        self._context = tls.shared_client_context(config.ca)
         self.tunnels: dict[int, AgentTunnel] = {}
         self._next_id = 1
         self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
@@ -157,7 +157,7 @@ class AgentSession:
                 raise
         raise AssertionError("unreachable")
 
-    async def _dial(self, context: ssl.SSLContext, server_name: str | None = None) -> TlsStream:
+    async def _dial(self, alpn: str, server_name: str | None = None) -> TlsStream:
         """One TLS connection to the relay's public port; SNI is the relay's name by default."""
         loop = asyncio.get_running_loop()
         handshake: asyncio.Future[None] = loop.create_future()
@@ -171,13 +171,14 @@ class AgentSession:
                 handshake.set_exception(exc)
 
         def factory() -> TlsStream:
-            return TlsStream(
-                context,
-                server_side=False,
-                server_hostname=server_name or self.host,
-                on_handshake=done,
-                handshake_timeout=CONNECT_TIMEOUT,
-            )
+            with tls.offering(self._context, [alpn]) as context:
+                return TlsStream(
+                    context,
+                    server_side=False,
+                    server_hostname=server_name or self.host,
+                    on_handshake=done,
+                    handshake_timeout=CONNECT_TIMEOUT,
+                )
 
         try:
             stream = await self._connect(factory)
@@ -210,7 +211,7 @@ class AgentSession:
         return stream
 
     async def _handshake(self, server_name: str | None = None) -> None:
-        stream = await self._dial(self._context, server_name)
+        stream = await self._dial(protocol.ALPN_CONTROL, server_name)
         channel = Channel(stream, protocol.Connection(protocol.Kind.CONTROL, protocol.Role.AGENT))
         channel.send(
             protocol.Hello(
@@ -496,7 +497,7 @@ class AgentSession:
         assert self._welcome is not None
         plain_port = self._welcome.plain_port
         if not (self.config.plain_data and plain_port):
-            return await self._dial(self._data_context, self._welcome.data_name)
+            return await self._dial(protocol.ALPN_DATA, self._welcome.data_name)
         host = names.resolve_host(self.host)
         try:
             _, stream = await asyncio.wait_for(

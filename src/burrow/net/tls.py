@@ -1,7 +1,8 @@
-"""TLS contexts for relays and agents, and the private CA behind ``burrow dev``.
+"""TLS contexts: the relay's server contexts and the client's contexts for reaching a relay.
 
-The dev CA lets a loopback relay serve real, verifiable TLS for
-``<domain>`` and ``*.<domain>`` with no public certificate authority.
+The client imports this module on every ``import burrow``, so it needs
+nothing but ``ssl``: the dev CA lives in :mod:`burrow.net.devca`, and the
+certificate checks that only a relay makes import ``cryptography`` when run.
 """
 
 from __future__ import annotations
@@ -9,53 +10,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import secrets
 import ssl
-import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from burrow.exception import InvalidError
-from burrow.wire.names import normalize_domain
 
 # TLS 1.0 and 1.1 are deprecated (RFC 8996); every client worth serving has 1.2.
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
-
-# The dev CA outlives many relay restarts, so a user trusts it once.
-CA_VALIDITY = timedelta(days=10 * 365)
-# Browsers refuse leaf certificates valid for more than 398 days; one less
-# leaves room for the backdating below.
-LEAF_VALIDITY = timedelta(days=397)
-# Re-issue the leaf a month before it expires, so a relay restarted now does
-# not start failing mid-run.
-LEAF_RENEW_BEFORE = timedelta(days=30)
-# Replace the CA once it has less than a leaf's lifetime left: a leaf must
-# never outlive the CA that signed it.
-CA_RENEW_BEFORE = LEAF_VALIDITY + LEAF_RENEW_BEFORE
-# Certificates start a little in the past so that a client whose clock runs
-# slightly behind ours does not reject a brand-new certificate.
-CLOCK_SKEW = timedelta(minutes=5)
-
-CA_NAME_PREFIX = "burrow dev CA"
-CA_CERT_FILE = "ca.pem"
-CA_KEY_FILE = "ca-key.pem"
-LEAF_CERT_FILE = "relay.pem"
-LEAF_KEY_FILE = "relay-key.pem"
-
-_PRIVATE_MODE = 0o600
-_PUBLIC_MODE = 0o644
-_STATE_DIR_MODE = 0o700
-
-
-# Contexts
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -69,7 +32,12 @@ def server_context(cert: Path, key: Path, alpn: Sequence[str]) -> ssl.SSLContext
     """A server context presenting ``cert`` (PEM chain) with ``key``, offering ``alpn``."""
     # Parse both files ourselves first: ssl's error for a bad file does not
     # say which one, and for an encrypted key OpenSSL would prompt on the
-    # terminal for a password.
+    # terminal for a password. Only a relay gets here: cryptography is
+    # imported now rather than by every client that imports this module.
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     try:
         x509.load_pem_x509_certificates(_read(cert, "certificate"))
     except ValueError:
@@ -89,7 +57,12 @@ def server_context(cert: Path, key: Path, alpn: Sequence[str]) -> ssl.SSLContext
 
 
 def client_context(ca: Path | None, alpn: Sequence[str]) -> ssl.SSLContext:
-    """A client context trusting the system's CAs, plus ``ca`` when given, offering ``alpn``.
+    """A client context for a relay, offering ``alpn``, checking its certificate and name.
+
+    With ``ca`` (``BURROW_CA``) that CA alone is trusted: the relay is pinned
+    to its operator's CA, as ``curl --cacert`` does, and no public CA can
+    stand in for it. Without, the system's trust store is (OpenSSL's default
+    paths, ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` included).
 
     Contexts are shared: loading the system trust store takes tens of
     milliseconds, which would otherwise be paid by every new agent session.
@@ -102,9 +75,54 @@ def client_context(ca: Path | None, alpn: Sequence[str]) -> ssl.SSLContext:
     return _client_context(ca, tuple(alpn), stamp)
 
 
+def shared_client_context(ca: Path | None) -> ssl.SSLContext:
+    """Like :func:`client_context`, for connections that each pick their ALPN with :func:`offering`.
+
+    An agent's control and data connections differ only in ALPN, and
+    loading a trust store is what costs: one context, loaded once, serves
+    both. Use it only through :func:`offering`, which sets the ALPN.
+    """
+    stamp = None
+    if ca is not None:
+        with contextlib.suppress(OSError):
+            stamp = ca.stat().st_mtime_ns
+    # Its own cache entry: no caller of client_context() gets this context.
+    return _client_context(ca, None, stamp)
+
+
+# Held while a connection is made from a shared context: its ALPN is set
+# just before, and no other thread may change it in between.
+_alpn_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def offering(context: ssl.SSLContext, alpn: Sequence[str]) -> Iterator[ssl.SSLContext]:
+    """Connections made from ``context`` inside the block offer ``alpn``.
+
+    OpenSSL copies a context's ALPN list into each connection when the
+    connection is made (``SSL_new``, called by ``wrap_bio`` and
+    ``wrap_socket``), so the list set here stays with the connections made
+    in the block whatever the context is given afterwards.
+    """
+    with _alpn_lock:
+        context.set_alpn_protocols(list(alpn))
+        yield context
+
+
 @functools.lru_cache(maxsize=32)
-def _client_context(ca: Path | None, alpn: tuple[str, ...], stamp: int | None) -> ssl.SSLContext:
-    context = ssl.create_default_context()
+def _client_context(
+    ca: Path | None, alpn: tuple[str, ...] | None, stamp: int | None
+) -> ssl.SSLContext:
+    # PROTOCOL_TLS_CLIENT checks hostnames and requires a certificate; set
+    # both anyway so that no default can loosen them.
+    context = _preloaded.take() if ca is None else None
+    if context is None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if ca is None:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.minimum_version = MINIMUM_TLS_VERSION
     if ca is not None:
         try:
             context.load_verify_locations(cafile=ca)
@@ -112,224 +130,67 @@ def _client_context(ca: Path | None, alpn: tuple[str, ...], stamp: int | None) -
             raise InvalidError(f"cannot read CA certificate {ca}: {exc.strerror}") from exc
         except ssl.SSLError:
             raise InvalidError(f"{ca} holds no PEM CA certificate") from None
-    context.check_hostname = True
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.minimum_version = MINIMUM_TLS_VERSION
-    context.set_alpn_protocols(list(alpn))
+    if alpn is not None:
+        context.set_alpn_protocols(list(alpn))
     return context
 
 
-# The dev CA
+# -- the system's trust store, loaded ahead --------------------------------------
 
 
-@dataclass(frozen=True)
-class DevCertificates:
-    """Where :func:`ensure_dev_certificates` keeps its files."""
+class _Preload:
+    """Client contexts holding the system's trust store, loaded on a thread of their own.
 
-    ca_cert: Path
-    """The dev CA's certificate: give it to clients (curl --cacert, BURROW_CA)."""
-
-    cert: Path
-    """The relay's certificate for ``<domain>`` and ``*.<domain>``, signed by the CA."""
-
-    key: Path
-    """The private key of :attr:`cert`."""
-
-
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    # Write to a temporary file beside the target, then rename over it:
-    # a reader sees the old file or the new one, never half of either.
-    try:
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    except OSError as exc:
-        raise InvalidError(f"cannot write {path}: {exc.strerror}") from exc
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as exc:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise InvalidError(f"cannot write {path}: {exc.strerror}") from exc
-        raise
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _load_pair(
-    cert_path: Path, key_path: Path
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
-    """The certificate and its matching EC key, or None if either is missing or unusable."""
-    try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
-        return None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
-        return None
-    return cert, key
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
-    except (x509.ExtensionNotFound, ValueError):
-        return False
-    return constraints.value.ca
-
-
-def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def _covers(cert: x509.Certificate, names: list[str]) -> bool:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except (x509.ExtensionNotFound, ValueError):
-        return False
-    return set(names) <= set(san.value.get_values_for_type(x509.DNSName))
-
-
-def _new_ca(now: datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    # The random suffix tells apart the dev CAs of different machines in a
-    # trust store listing.
-    name = x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, f"{CA_NAME_PREFIX} {secrets.token_hex(3)}")]
-    )
-    not_before = now - CLOCK_SKEW
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_before + CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def _new_leaf(
-    domain: str,
-    ca_cert: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
-    now: datetime,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    not_before = now - CLOCK_SKEW
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_before + LEAF_VALIDITY)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(domain), x509.DNSName(f"*.{domain}")]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def ensure_dev_certificates(
-    state_dir: Path, domain: str, *, now: datetime | None = None
-) -> DevCertificates:
-    """Make sure ``state_dir`` holds a dev CA and a relay certificate for ``domain``.
-
-    Existing files are kept while they are good; the relay certificate is
-    re-issued when missing, near expiry, for another domain or from another
-    CA, and everything is replaced when the CA is missing or near expiry
-    (clients then need the new ``ca.pem``). Concurrent calls on one
-    directory are not coordinated. ``now`` (timezone-aware) is for tests.
+    Parsing a trust store of the usual size (some 150 CAs) takes about 15 ms,
+    for each context. OpenSSL does it without Python's lock, so a thread
+    started early overlaps it with the rest of the process's start-up.
     """
-    domain = normalize_domain(domain)
-    current = datetime.now(UTC) if now is None else now
-    paths = DevCertificates(
-        ca_cert=state_dir / CA_CERT_FILE,
-        cert=state_dir / LEAF_CERT_FILE,
-        key=state_dir / LEAF_KEY_FILE,
-    )
-    try:
-        state_dir.mkdir(mode=_STATE_DIR_MODE, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InvalidError(f"cannot create state directory {state_dir}: {exc.strerror}") from exc
 
-    ca = _load_pair(paths.ca_cert, state_dir / CA_KEY_FILE)
-    if ca is None or not _is_ca(ca[0]) or ca[0].not_valid_after_utc - current < CA_RENEW_BEFORE:
-        ca = _new_ca(current)
-        # Key first: if we stop between the two writes, the pair no longer
-        # matches and the next call starts over instead of using it.
-        _write_atomically(state_dir / CA_KEY_FILE, _key_pem(ca[1]), _PRIVATE_MODE)
-        _write_atomically(paths.ca_cert, _cert_pem(ca[0]), _PUBLIC_MODE)
-    ca_cert, ca_key = ca
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._contexts: list[ssl.SSLContext] = []
 
-    leaf = _load_pair(paths.cert, paths.key)
-    if (
-        leaf is None
-        or leaf[0].not_valid_after_utc - current < LEAF_RENEW_BEFORE
-        or not _covers(leaf[0], [domain, f"*.{domain}"])
-        or not _signed_by(leaf[0], ca_cert)
-    ):
-        cert, key = _new_leaf(domain, ca_cert, ca_key, current)
-        _write_atomically(paths.key, _key_pem(key), _PRIVATE_MODE)
-        _write_atomically(paths.cert, _cert_pem(cert), _PUBLIC_MODE)
-    return paths
+    def start(self, count: int = 1) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._load, args=(count,), name="burrow-trust", daemon=True
+            )
+            self._thread.start()
+
+    def _load(self, count: int) -> None:
+        for _ in range(count):
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+            with self._lock:
+                self._contexts.append(context)
+
+    def wait(self) -> None:
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def take(self) -> ssl.SSLContext | None:
+        """A preloaded context, waiting for the loading to end; None if none is left."""
+        self.wait()
+        with self._lock:
+            return self._contexts.pop() if self._contexts else None
+
+
+_preloaded = _Preload()
+# A fork while OpenSSL is half-way through the store could leave its locks
+# held in the child: let the loading finish first.
+os.register_at_fork(before=_preloaded.wait)
+
+
+def preload_system_trust(count: int = 1) -> None:
+    """Start loading ``count`` client contexts with the system's trust store, in the background.
+
+    For a process that will reach a relay through a public CA: the first
+    contexts :func:`client_context` and :func:`shared_client_context` make
+    with no ``ca`` take these, already loaded, instead of loading the store
+    themselves. Trust is exactly the same.
+    """
+    _preloaded.start(count)

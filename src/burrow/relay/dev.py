@@ -10,35 +10,32 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from burrow import tokens
-from burrow.net import tls
+
+# Clients read the discovery file, so its names and format live in
+# burrow.env; code that starts a dev relay finds them here too.
+from burrow.env import DEV_PORT as DEV_PORT
+from burrow.env import ENV_CA, ENV_PLAIN_DATA, ENV_RELAY, ENV_TOKEN
+from burrow.env import ENV_FILE as ENV_FILE
+from burrow.env import ENV_STATE_DIR as ENV_STATE_DIR
+from burrow.env import PID_FILE as PID_FILE
+from burrow.env import default_state_dir as default_state_dir
+from burrow.env import format_env as format_env
+from burrow.env import parse_env as parse_env
+from burrow.net import devca
 from burrow.relay.config import RelayConfig
 
 DEV_DOMAIN: Final = "r1.localhost"
-DEV_PORT: Final = 4443
 
 # Dev tokens outlive any dev session but not a forgotten laptop.
 DEV_TOKEN_TTL: Final = 30 * 24 * 3600
 
-ENV_STATE_DIR: Final = "BURROW_STATE_DIR"
 SIGNING_KEY_FILE: Final = "token-signing.pem"
 PUBLIC_KEY_FILE: Final = "token-public.pem"
-ENV_FILE: Final = "env"
-PID_FILE: Final = "relay.pid"
-
-
-def default_state_dir() -> Path:
-    """``$BURROW_STATE_DIR``, else ``$XDG_STATE_HOME/burrow/dev``, else ``~/.local/state/...``."""
-    explicit = os.environ.get(ENV_STATE_DIR)
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "burrow" / "dev"
 
 
 @dataclass(frozen=True)
@@ -52,12 +49,12 @@ class DevRelay:
 
     def env(self, port: int) -> dict[str, str]:
         env = {
-            "BURROW_RELAY": f"{DEV_DOMAIN}:{port}",
-            "BURROW_TOKEN": self.token,
-            "BURROW_CA": str(self.ca),
+            ENV_RELAY: f"{DEV_DOMAIN}:{port}",
+            ENV_TOKEN: self.token,
+            ENV_CA: str(self.ca),
         }
         if self.config.plain_data_listen is not None:
-            env["BURROW_PLAIN_DATA"] = "1"
+            env[ENV_PLAIN_DATA] = "1"
         return env
 
 
@@ -66,7 +63,7 @@ def prepare(
 ) -> DevRelay:
     """Create or reuse the dev CA, certificate and signing key; mint a token."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    certs = tls.ensure_dev_certificates(state_dir, DEV_DOMAIN)
+    certs = devca.ensure_dev_certificates(state_dir, DEV_DOMAIN)
     signing_path = state_dir / SIGNING_KEY_FILE
     public_path = state_dir / PUBLIC_KEY_FILE
     if not signing_path.exists():
@@ -90,25 +87,6 @@ def prepare(
     return DevRelay(config=config, state_dir=state_dir, ca=certs.ca_cert, token=token)
 
 
-def format_env(env: dict[str, str]) -> str:
-    """Shell ``KEY=VALUE`` lines, quoted so that ``. file`` and ``--env-file`` both read them."""
-    return "".join(f"{key}={shlex.quote(value)}\n" for key, value in env.items())
-
-
-def parse_env(text: str) -> dict[str, str]:
-    """Read back what :func:`format_env` wrote (also tolerates ``export KEY=...``)."""
-    env: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        line = line.removeprefix("export ").strip()
-        key, _, raw = line.partition("=")
-        parts = shlex.split(raw) if raw else [""]
-        env[key.strip()] = parts[0] if parts else ""
-    return env
-
-
 def write_env_file(path: Path, env: dict[str, str]) -> None:
     """Write atomically with mode 0600: the token is a secret."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,20 +105,3 @@ def clear_pid(state_dir: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         if (state_dir / PID_FILE).read_text().strip() == str(os.getpid()):
             (state_dir / PID_FILE).unlink()
-
-
-def running_dev_env(state_dir: Path | None = None) -> dict[str, str] | None:
-    """The settings of a dev relay running on this machine, if there is one."""
-    state_dir = state_dir or default_state_dir()
-    try:
-        pid = int((state_dir / PID_FILE).read_text().strip())
-        text = (state_dir / ENV_FILE).read_text()
-    except (OSError, ValueError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, but someone else's
-    return parse_env(text)
