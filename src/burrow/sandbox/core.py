@@ -91,9 +91,8 @@ def _python_prefixes() -> set[str]:
 
 def _burrow_root() -> str:
     """The directory burrow is imported from (site-packages, or a source tree's src/)."""
-    import burrow
-
-    return os.path.dirname(os.path.dirname(os.path.realpath(burrow.__file__)))
+    package = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # .../burrow
+    return os.path.dirname(package)
 
 
 # -- the sandbox --------------------------------------------------------------
