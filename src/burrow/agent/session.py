@@ -371,7 +371,7 @@ class AgentSession:
             raise ConnectionError(str(exc)) from exc
 
     async def _request(
-        self, tunnel_id: int, message: protocol.Message, timeout: float = REPLY_TIMEOUT
+        self, tunnel_id: int, message: protocol.Message, reply_timeout: float = REPLY_TIMEOUT
     ) -> protocol.Message:
         if self._channel is None and not self.closed:
             try:
@@ -384,7 +384,7 @@ class AgentSession:
         self._pending[tunnel_id] = future
         self._send(message)
         try:
-            return await asyncio.wait_for(future, timeout)
+            return await asyncio.wait_for(future, reply_timeout)
         except TimeoutError as exc:
             raise ConnectionError(f"the relay at {self.config.relay} did not answer") from exc
         finally:
@@ -442,7 +442,7 @@ class AgentSession:
             return
         with contextlib.suppress(ConnectionError):
             await self._request(
-                agent_tunnel.id, protocol.Close(id=agent_tunnel.id), timeout=CLOSE_TIMEOUT
+                agent_tunnel.id, protocol.Close(id=agent_tunnel.id), reply_timeout=CLOSE_TIMEOUT
             )
 
     # -- data connections -----------------------------------------------------
