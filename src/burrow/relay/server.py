@@ -35,7 +35,7 @@ from burrow.relay.claims import ClaimSigner
 from burrow.relay.config import POOL_WAIT_SECONDS, RelayConfig
 from burrow.relay.ports import Listener, TcpPorts
 from burrow.relay.quota import TokenQuotas
-from burrow.relay.registry import Registry, RelayTunnel, SessionHandle
+from burrow.relay.registry import Registry, RelayTunnel
 from burrow.relay.revocation import REVOCATION_CHECK_SECONDS, RevocationList
 from burrow.relay.session import RelaySession
 from burrow.relay.workers import Worker
@@ -199,13 +199,8 @@ class Relay:
         return port
 
     @property
-    def sessions(self) -> Mapping[str, SessionHandle]:
-        """The registry's sessions by id (read-only)."""
-        return self.registry.sessions
-
-    @property
     def routes(self) -> Mapping[str, RelayTunnel]:
-        """The registry's route table: tunnels by label (read-only)."""
+        """The registry's route table, tunnels by label (read-only; ``registry`` has the rest)."""
         return self.registry.routes
 
     @property
