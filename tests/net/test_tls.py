@@ -4,10 +4,11 @@ by Python's ssl."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import ssl
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,8 +19,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from burrow.exception import InvalidError
+from burrow.net import tls as tls_module
 from burrow.net.devca import DevCertificates, ensure_dev_certificates
-from burrow.net.tls import client_context, server_context
+from burrow.net.tls import (
+    _client_context,
+    _Preload,
+    client_context,
+    offering,
+    server_context,
+    shared_client_context,
+)
 
 CURL = "/usr/bin/curl"
 DOMAIN = "r1.localhost"
@@ -354,3 +363,92 @@ def test_unusable_state_dir_is_an_invalid_error(tmp_path: Path) -> None:
     for state in (blocker, blocker / "state"):
         with pytest.raises(InvalidError, match=str(state)):
             ensure_dev_certificates(state, DOMAIN)
+
+
+# Whom the client trusts: BURROW_CA alone, else the system's store
+
+
+@pytest.fixture
+def system_store(
+    dev: DevCertificates, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[Path]:
+    """OpenSSL's default store pointed at a file of our own, which holds the dev CA."""
+    store = tmp_path / "system-store.pem"
+    store.write_bytes(dev.ca_cert.read_bytes())
+    empty_dir = tmp_path / "system-store.d"
+    empty_dir.mkdir()
+    monkeypatch.setenv("SSL_CERT_FILE", str(store))
+    monkeypatch.setenv("SSL_CERT_DIR", str(empty_dir))
+    _client_context.cache_clear()  # contexts made before read another store
+    yield store
+    _client_context.cache_clear()
+
+
+async def test_a_private_ca_replaces_the_system_store(
+    dev: DevCertificates, system_store: Path, tmp_path: Path, https_server: int
+) -> None:
+    # The relay's CA is in the system store, but BURROW_CA names another:
+    # only that one counts (pinning), so the relay is refused.
+    other = ensure_dev_certificates(tmp_path / "other", DOMAIN)
+    context = client_context(other.ca_cert, ["http/1.1"])
+    assert context.cert_store_stats()["x509_ca"] == 1
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await fetch(https_server, f"abc.{DOMAIN}", context)
+
+
+async def test_without_a_ca_the_system_store_is_trusted(
+    dev: DevCertificates, system_store: Path, https_server: int
+) -> None:
+    response, _ = await fetch(https_server, f"abc.{DOMAIN}", client_context(None, ["http/1.1"]))
+    assert response.endswith(BODY)
+    # ...and names are still checked.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await fetch(https_server, f"a.b.{DOMAIN}", client_context(None, ["http/1.1"]))
+
+
+def _handshake(client: ssl.SSLObject, server: ssl.SSLObject, pipes: list[ssl.MemoryBIO]) -> None:
+    client_in, client_out, server_in, server_out = pipes
+    for _ in range(10):
+        for end in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                end.do_handshake()
+        server_in.write(client_out.read())
+        client_in.write(server_out.read())
+
+
+def test_one_shared_context_gives_each_connection_its_own_alpn(dev: DevCertificates) -> None:
+    server_ctx = server_context(dev.cert, dev.key, ["burrow-data/1", "burrow/1"])
+    shared = shared_client_context(dev.ca_cert)
+    assert shared is shared_client_context(dev.ca_cert)
+    assert shared is not client_context(dev.ca_cert, [])
+    made = []
+    for alpn in ("burrow/1", "burrow-data/1", "burrow/1"):
+        pipes = [ssl.MemoryBIO() for _ in range(4)]
+        with offering(shared, [alpn]) as context:
+            client = context.wrap_bio(pipes[0], pipes[1], server_hostname=DOMAIN)
+        server = server_ctx.wrap_bio(pipes[2], pipes[3], server_side=True)
+        made.append((alpn, client, server, pipes))
+    # Handshakes after the context's ALPN moved on: each keeps the one it was made with.
+    for alpn, client, server, pipes in made:
+        _handshake(client, server, pipes)
+        assert client.selected_alpn_protocol() == alpn
+        assert server.selected_alpn_protocol() == alpn
+
+
+def test_a_preloaded_system_store_is_the_same_store(
+    dev: DevCertificates, system_store: Path
+) -> None:
+    preload = _Preload()
+    assert preload.take() is None  # nothing started, nothing to wait for
+    preload.start(1)
+    preloaded = preload.take()
+    assert preloaded is not None
+    assert preload.take() is None
+    assert preloaded.cert_store_stats() == ssl.create_default_context().cert_store_stats()
+    assert preloaded.cert_store_stats()["x509_ca"] == 1
+    # client_context() takes a preloaded store and still checks names and certificates.
+    tls_module._preloaded.start(1)
+    context = client_context(None, ["http/1.1"])
+    assert context.check_hostname
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.cert_store_stats()["x509_ca"] == 1
