@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -60,13 +61,19 @@ def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 async def serve(relay: Relay, on_started: Callable[[], None] | None = None) -> None:
-    """Run until a signal: SIGTERM drains connections in flight first, SIGINT does not."""
+    """Run until a signal: SIGTERM drains connections in flight first, SIGINT does not.
+
+    A second signal while draining closes at once: Ctrl-C always ends a relay.
+    """
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[signal.Signals] = loop.create_future()
+    again: asyncio.Future[signal.Signals] = loop.create_future()
 
     def on_signal(sig: signal.Signals) -> None:
-        if not stop.done():
-            stop.set_result(sig)
+        for future in (stop, again):
+            if not future.done():
+                future.set_result(sig)
+                return
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -74,7 +81,17 @@ async def serve(relay: Relay, on_started: Callable[[], None] | None = None) -> N
         on_started()
     if await stop == signal.SIGTERM:
         log.info("SIGTERM: draining for up to %gs", relay.config.drain_timeout)
-        await relay.drain()
+        drain = loop.create_task(relay.drain())
+        either: list[asyncio.Future[Any]] = [drain, again]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if drain.done():
+            drain.result()
+            return
+        log.info("%s: closing without waiting for the drain", again.result().name)
+        drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
+        await relay.close()
     else:
         await relay.close()
 
