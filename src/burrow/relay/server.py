@@ -90,6 +90,7 @@ class Relay:
         self.config = config
         self.worker = worker
         self.domain = names.normalize_domain(config.domain)
+        public_key = tokens.read_public_key(config.public_key)
         self.revoked = RevocationList(config.revoked_tokens) if config.revoked_tokens else None
         self.tcp_host = config.tcp_host or self.domain
         self.public_port = config.public_port or 0
@@ -98,6 +99,13 @@ class Relay:
         self._tasks = TaskSet()
         # Unfinished handshakes, oldest first (dicts keep insertion order).
         self._handshaking: dict[TlsStream, None] = {}
+
+        self._agent_context = tls.server_context(
+            config.cert, config.key, [protocol.ALPN_CONTROL, protocol.ALPN_DATA]
+        )
+        self._visitor_context = tls.server_context(config.cert, config.key, ALPN_VISITOR)
+        self._visitor_h2_context = tls.server_context(config.cert, config.key, ALPN_VISITOR_H2)
+        self._agent_context.sni_callback = self._pick_context
 
         quotas = TokenQuotas(
             config.max_tunnels_per_token,
@@ -109,20 +117,13 @@ class Relay:
         self.claims = ClaimSigner(config.key.read_bytes())
         self.admission = Admission(
             config,
-            tokens.read_public_key(config.public_key),
+            public_key,
             quotas,
             self.claims,
             revoked=self.revoked if self.revoked is not None else frozenset(),
             owns=self.registry.owns,
         )
         self.tcp_ports = TcpPorts([host for host, _ in config.listen], config.tcp_ports)
-
-        self._agent_context = tls.server_context(
-            config.cert, config.key, [protocol.ALPN_CONTROL, protocol.ALPN_DATA]
-        )
-        self._visitor_context = tls.server_context(config.cert, config.key, ALPN_VISITOR)
-        self._visitor_h2_context = tls.server_context(config.cert, config.key, ALPN_VISITOR_H2)
-        self._agent_context.sni_callback = self._pick_context
 
     @classmethod
     async def start(
