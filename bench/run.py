@@ -439,6 +439,7 @@ def render(
         "pip install -e '.[bench]'",
         f"{COMMAND}            # under 10 minutes on 2 cores; rewrites this file and PNGs",
         f"{COMMAND} --quick    # a 2-minute smoke run of everything",
+        "python bench/setup_latency.py   # tunnel set-up alone (90 s), printed as Markdown",
         "```",
         "",
         "As root it installs what is missing with `apt-get` (iperf3, socat, nghttp2-client,",
