@@ -544,3 +544,21 @@ def test_a_program_that_exits_ends_its_sandboxes(relay: RelayHarness) -> None:
     workdir, url = out.stdout.split()
     assert not Path(workdir).exists()
     assert "no tunnel" in _curl(relay, url + "/").stdout
+    # Nor is any of its processes left (they work in the workdir): a sandbox
+    # ended just after it started once outlived its program under bubblewrap.
+    wait_until(lambda: not _working_in(workdir), "the sandbox's processes to end", seconds=10)
+
+
+def _working_in(directory: str) -> list[int]:
+    """The processes whose working directory is ``directory`` or inside it, removed or not."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd").removesuffix(" (deleted)")
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+        if cwd == directory or cwd.startswith(directory + "/"):
+            found.append(int(entry.name))
+    return found
