@@ -264,7 +264,7 @@ class Sandbox:
         self._ports = ports
         self._allow = inbound_cidr_allowlist
         base = (client or Client()).config()
-        self._settings: AgentConfig = replace(base, workload=self.object_id)
+        self._config: AgentConfig = replace(base, workload=self.object_id)
         self._tunnels: dict[int, Tunnel] = {}
         self._forwards: list[forward] = []
         self._error: BaseException | None = None
@@ -303,7 +303,7 @@ class Sandbox:
         base = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
         base["HOME"] = workdir
         base.update(env or {})
-        child_env = workload_env(self._settings, base)
+        child_env = workload_env(self._config, base)
 
         program = cmd[0]
         if "/" in program:
@@ -336,7 +336,7 @@ class Sandbox:
                     f"Cannot run {found!r} in the sandbox: {hidden_by} is private there; "
                     "put it in the workdir or elsewhere"
                 )
-        ca = str(self._settings.ca.resolve()) if self._settings.ca is not None else None
+        ca = str(self._config.ca.resolve()) if self._config.ca is not None else None
         argv, self.isolation = command_argv(
             level,
             Host.here(),
@@ -430,10 +430,10 @@ class Sandbox:
     async def _publish(self) -> None:
         """Forward the declared ports under the sandbox's workload id."""
         client = Client(
-            relay=self._settings.relay,
-            token=self._settings.token,
-            ca=self._settings.ca,
-            plain_data=self._settings.plain_data,
+            relay=self._config.relay,
+            token=self._config.token,
+            ca=self._config.ca,
+            plain_data=self._config.plain_data,
             workload=self.object_id,
         )
         self._forwards = [
@@ -476,7 +476,7 @@ class Sandbox:
             elif isinstance(result, BaseException):
                 raise result
         if self._ports:
-            await runtime.close_session(self._settings)
+            await runtime.close_session(self._config)
 
     def _remove_workdir(self) -> None:
         if self._own_workdir and hasattr(self, "workdir"):
