@@ -53,8 +53,8 @@ def _package_dir() -> Path:
 PACKAGE = _package_dir()
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
@@ -136,9 +136,9 @@ def _known(name: str, modules: dict[str, Path]) -> str | None:
     return None
 
 
-def build_graph() -> Graph:
-    files = sorted(PACKAGE.rglob("*.py"))
-    modules = {module_name(path): path for path in files}
+def build_graph(package: Path = PACKAGE) -> Graph:
+    files = sorted(package.rglob("*.py"))
+    modules = {module_name(path, package): path for path in files}
     imports: list[Import] = []
     external: dict[str, list[tuple[str, int, str]]] = {}
     for module, path in modules.items():
@@ -293,6 +293,33 @@ def test_the_graph_resolves_relative_and_conditional_imports(tmp_path: Path) -> 
     assert _absolute("burrow.relay.session", False, relative[0]) == "burrow.relay"
     assert _absolute("burrow.relay.session", False, relative[1]) == "burrow"
     assert _absolute("burrow.relay", True, relative[0]) == "burrow.relay"
+
+
+def _write_package(root: Path, files: dict[str, str]) -> Path:
+    for name, source in files.items():
+        path = root / "burrow" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(source))
+    return root / "burrow"
+
+
+def test_a_re_export_is_no_cycle_and_importing_the_package_back_is(tmp_path: Path) -> None:
+    files = {
+        "__init__.py": "",
+        "sub/__init__.py": "from burrow.sub.core import X\n",
+        "sub/core.py": "X = 1\n",
+        # Imports the package, which re-exports core: a path, not a cycle.
+        "sub/cli.py": "from burrow.sub import X\nfrom burrow import sub\n",
+    }
+    graph = build_graph(_write_package(tmp_path / "clean", files))
+    assert graph.edges()["burrow.sub"] == {"burrow.sub.core"}
+    assert graph.edges()["burrow.sub.cli"] == {"burrow.sub"}
+    assert strongly_connected(graph.edges()) == []
+
+    # core itself reaching for the package that re-exports it: a real cycle.
+    files["sub/core.py"] = "X = 1\ndef f():\n    from burrow.sub import X\n"
+    graph = build_graph(_write_package(tmp_path / "cycle", files))
+    assert strongly_connected(graph.edges()) == [["burrow.sub", "burrow.sub.core"]]
 
 
 # -- (a) sans-IO ------------------------------------------------------------------------

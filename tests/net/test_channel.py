@@ -357,7 +357,7 @@ def test_serve_control_answers_pings_and_hands_on_the_rest(run: Run) -> None:
             )
             assert await peer.receive() == Pong(seq=8)
             peer.shutdown()
-            assert await asyncio.wait_for(serving, 10) is None
+            await asyncio.wait_for(serving, 10)  # returns at EOF
             assert handled.messages == [Dial(count=2), Error(id=3, code="limit", message="no")]
             assert channel.heartbeat is None
 
