@@ -20,8 +20,15 @@ from burrow.net.devca import ensure_dev_certificates
 REPO = Path(__file__).resolve().parents[1]
 
 # Modules the client must never load: the relay, its token checks (PyJWT and
-# the cryptography it needs) and the dev CA.
-FORBIDDEN = ("burrow.relay", "burrow.tokens", "burrow.net.devca", "jwt", "cryptography")
+# the cryptography it needs), the dev CA, and the relay's ClientHello parser.
+FORBIDDEN = (
+    "burrow.relay",
+    "burrow.tokens",
+    "burrow.net.devca",
+    "burrow.wire.clienthello",
+    "jwt",
+    "cryptography",
+)
 
 PROBE = """
 import importlib.util, json, sys

@@ -131,6 +131,8 @@ class AgentSession:
         # the session reconnects.
         self._connected = asyncio.Event()
         self.reconnects = 0
+        # Data connections to open once the session has a tunnel (see _handshake).
+        self._pool_to_fill = 0
         self.closed = False
 
     @classmethod
@@ -238,9 +240,17 @@ class AgentSession:
         self._reader = asyncio.get_running_loop().create_task(
             self._read_control(channel, reply.heartbeat)
         )
-        for _ in range(reply.pool):
-            self._tasks.spawn(self._serve_data_connection())
+        # The pool is filled once the session has a tunnel: before that no visitor
+        # can come, and its TLS handshakes would only hold up the first `opened`.
+        self._pool_to_fill = reply.pool
+        if self.tunnels:
+            self._fill_pool()
         log.info("session %s with relay %s", reply.session, self.config.relay)
+
+    def _fill_pool(self) -> None:
+        for _ in range(self._pool_to_fill):
+            self._tasks.spawn(self._serve_data_connection())
+        self._pool_to_fill = 0
 
     @property
     def session_id(self) -> str | None:
@@ -420,6 +430,7 @@ class AgentSession:
             allow=allow,
             claim=reply.claim,
         )
+        self._fill_pool()
         return tunnel
 
     async def close_tunnel(self, tunnel: Tunnel) -> None:

@@ -16,10 +16,13 @@ import ssl
 import struct
 import threading
 from collections.abc import Callable
-from typing import Final, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from burrow.exception import RemoteProtocolError
-from burrow.wire.clienthello import ClientHello, parse_client_hello
+
+if TYPE_CHECKING:
+    # Only a relay reads ClientHellos; the client does not load the parser.
+    from burrow.wire.clienthello import ClientHello
 
 # Bytes per socket read and per TLS read call; big reads amortise Python's
 # per-call cost.
@@ -394,7 +397,7 @@ HandshakeCallback = Callable[["TlsStream", BaseException | None], None]
 
 # Told the ClientHello and the bytes that carried it before any TLS is done;
 # True means it took the connection away (handed it to another process).
-HelloCallback = Callable[["TlsStream", ClientHello, bytes], bool]
+HelloCallback = Callable[["TlsStream", "ClientHello", bytes], bool]
 
 
 class TlsStream(Stream):
@@ -511,6 +514,8 @@ class TlsStream(Stream):
 
     def _read_hello(self, data: Chunk) -> bool:
         """Gather the ClientHello for ``on_client_hello``; True once OpenSSL may have the bytes."""
+        from burrow.wire.clienthello import parse_client_hello
+
         self._hello += data
         try:
             hello = parse_client_hello(bytes(self._hello))

@@ -6,7 +6,6 @@ published under, and checks the names and addresses users and visitors hand us.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import re
 import secrets
@@ -44,6 +43,8 @@ def worker_of(name: str, workers: int) -> int:
     A stable hash, the same in every process, so any worker can tell where
     a server name belongs without asking anyone.
     """
+    import hashlib  # here, not at the top: only a relay asks, and the client imports names
+
     digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % workers
 
