@@ -7,17 +7,21 @@ with burrow.forward(8000) as tunnel:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from burrow.env import ENV_CA, ENV_RELAY
 from burrow.net import tls
 
-# A workload given its relay and no private CA will trust the system's CAs:
-# parsing them takes tens of milliseconds, done on another thread while the
-# rest of burrow (asyncio and all) is imported, so that forward() finds them
-# loaded. Imports below this line are the ones it overlaps.
-if os.environ.get(ENV_RELAY) and not os.environ.get(ENV_CA):
-    tls.preload_system_trust()
+# A workload given its relay will reach it: its TLS context (the system's CAs,
+# tens of milliseconds to parse, or its private CA) is made on another thread
+# while the rest of burrow (asyncio and all) is imported, so that forward()
+# finds it made. Imports below this line are the ones it overlaps.
+if os.environ.get(ENV_RELAY):
+    if os.environ.get(ENV_CA):
+        tls.preload_pinned_trust(Path(os.environ[ENV_CA]))
+    else:
+        tls.preload_system_trust()
 
 from burrow import exception
 from burrow._version import __version__

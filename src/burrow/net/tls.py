@@ -84,6 +84,7 @@ def shared_client_context(ca: Path | None) -> ssl.SSLContext:
     """
     stamp = None
     if ca is not None:
+        _preloaded.wait()  # it may be building this very context
         with contextlib.suppress(OSError):
             stamp = ca.stat().st_mtime_ns
     # Its own cache entry: no caller of client_context() gets this context.
@@ -139,11 +140,13 @@ def _client_context(
 
 
 class _Preload:
-    """Client contexts holding the system's trust store, loaded on a thread of their own.
+    """Client contexts made ahead, on a thread of their own.
 
     Parsing a trust store of the usual size (some 150 CAs) takes about 15 ms,
-    for each context. OpenSSL does it without Python's lock, so a thread
-    started early overlaps it with the rest of the process's start-up.
+    for each context, and even a context for one private CA costs a new
+    process over a millisecond (OpenSSL's first context sets OpenSSL up).
+    OpenSSL does both without Python's lock, so a thread started early
+    overlaps them with the rest of the process's start-up.
     """
 
     def __init__(self) -> None:
@@ -151,16 +154,22 @@ class _Preload:
         self._thread: threading.Thread | None = None
         self._contexts: list[ssl.SSLContext] = []
 
-    def start(self, count: int = 1) -> None:
+    def start(self, count: int = 1, ca: Path | None = None) -> None:
         with self._lock:
             if self._thread is not None:
                 return
             self._thread = threading.Thread(
-                target=self._load, args=(count,), name="burrow-trust", daemon=True
+                target=self._load, args=(count, ca), name="burrow-trust", daemon=True
             )
             self._thread.start()
 
-    def _load(self, count: int) -> None:
+    def _load(self, count: int, ca: Path | None) -> None:
+        if ca is not None:
+            # The agent's shared context for this CA, into the cache where
+            # shared_client_context() finds it; an unreadable file raises there.
+            with contextlib.suppress(InvalidError):
+                shared_client_context(ca)
+            return
         for _ in range(count):
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             context.load_default_certs(ssl.Purpose.SERVER_AUTH)
@@ -194,3 +203,12 @@ def preload_system_trust(count: int = 1) -> None:
     themselves. Trust is exactly the same.
     """
     _preloaded.start(count)
+
+
+def preload_pinned_trust(ca: Path) -> None:
+    """Start making the agent's shared context for the private CA ``ca``, in the background.
+
+    For a workload given ``BURROW_CA``: :func:`shared_client_context` then
+    finds it made. Trust is exactly the same.
+    """
+    _preloaded.start(ca=ca)
