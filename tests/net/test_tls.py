@@ -452,3 +452,21 @@ def test_a_preloaded_system_store_is_the_same_store(
     assert context.check_hostname
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert context.cert_store_stats()["x509_ca"] == 1
+
+
+def test_a_preloaded_pinned_context_is_the_one_the_agent_gets(
+    dev: DevCertificates, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tls_module, "_preloaded", _Preload())
+    _client_context.cache_clear()
+    tls_module.preload_pinned_trust(dev.ca_cert)
+    tls_module._preloaded.wait()
+    made = _client_context.cache_info()
+    assert made.currsize == 1  # made on the preload's thread
+    context = shared_client_context(dev.ca_cert)
+    assert _client_context.cache_info().hits == made.hits + 1
+    # Pinned exactly as when made on the spot: that CA only, names checked.
+    assert context.cert_store_stats()["x509_ca"] == 1
+    assert context.check_hostname
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    _client_context.cache_clear()
