@@ -324,6 +324,8 @@ def stop_child(proc: subprocess.Popen[bytes]) -> None:
 # A process that prints the time once it is ready: bare, or with burrow imported.
 READY_BARE = "import time; print(time.monotonic())"
 READY_IMPORTED = "import time; import burrow; print(time.monotonic())"
+# The floor under any asyncio client: what `import asyncio` alone costs.
+READY_ASYNCIO = "import time; import asyncio; print(time.monotonic())"
 
 # Between two samples: the processes of the last one (a relay session, an sshd
 # child) finish tearing down before the next is timed.
@@ -353,6 +355,7 @@ class NewProcess:
     def __init__(self) -> None:
         self.bare: list[float] = []
         self.imports: list[float] = []
+        self.asyncio: list[float] = []
         self.private = Fresh()
         self.bundle = Fresh()
         self.cli = Fresh()
@@ -393,6 +396,7 @@ def new_process(
                 break
             result.bare.append(wall([*python, READY_BARE], private_env))
             result.imports.append(wall([*python, READY_IMPORTED], private_env))
+            result.asyncio.append(wall([*python, READY_ASYNCIO], private_env))
             fresh_sample(child, private_env, relay.port, ctx, result.private)
             if bundle_env is not None:
                 fresh_sample(child, bundle_env, relay.port, ctx, result.bundle)
@@ -432,6 +436,12 @@ def new_process_rows(np: NewProcess) -> list[list[Any]]:
     return [
         row("bare `python -c`: process start to ready", np.bare, None, None),
         row("`python -c 'import burrow'`: process start to imported", np.imports, None, None),
+        row(
+            "`python -c 'import asyncio'` (the floor): process start to imported",
+            np.asyncio,
+            None,
+            None,
+        ),
         row(
             "private CA (BURROW_CA): import burrow, inside the process",
             np.private.imported,
@@ -497,13 +507,18 @@ def new_process_targets(np: NewProcess) -> list[list[Any]]:
 
     bare, imported = median_ms(np.bare), median_ms(np.imports)
     added = None if bare is None or imported is None else round(imported - bare, 2)
+    floor = median_ms(np.asyncio)
+    floor_added = None if bare is None or floor is None else round(floor - bare, 2)
     cli, ssh = median_ms(np.cli.first_200), median_ms(np.ssh.first_200)
     ratio = None if cli is None or not ssh else round(cli / ssh, 2)
     rows: list[list[Any]] = [
         [
             "`import burrow` over a bare `python -c` (medians, process start to ready)",
             f"<= {TARGET_IMPORT_MS:g} ms",
-            "-" if added is None else f"+{added} ms",
+            "-"
+            if added is None
+            else f"+{added} ms"
+            + ("" if floor_added is None else f" (`import asyncio` alone: +{floor_added} ms)"),
             verdict(None if added is None else added <= TARGET_IMPORT_MS),
         ]
     ]
