@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -53,3 +54,39 @@ def test_plain_data_is_offered_on_loopback_and_told_to_clients(tmp_path: Path) -
     prepared = dev.prepare(tmp_path, 0, (20000, 29999), plain_data=True)
     assert prepared.config.plain_data_listen == ("127.0.0.1", 0)
     assert prepared.env(4443)["BURROW_PLAIN_DATA"] == "1"
+
+
+def _shared_sticky_dir(tmp_path: Path) -> Path:
+    """A directory like /tmp: anyone may create files there, only their owner may remove them."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    return shared
+
+
+def test_env_file_is_not_written_through_a_file_another_user_made(tmp_path: Path) -> None:
+    shared = _shared_sticky_dir(tmp_path)
+    target = shared / "burrow.env"
+    # Another local user guesses the temporary name and creates it first, to own the result.
+    guess = shared / ".burrow.env.tmp"
+    guess.write_text("")
+    guess.chmod(0o666)
+    if os.getuid() == 0:
+        os.chown(guess, 65534, 65534)
+    dev.write_env_file(target, {"BURROW_TOKEN": "secret-token"})
+    info = target.stat()
+    assert info.st_uid == os.getuid()
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    assert "secret-token" in target.read_text()
+    assert guess.read_text() == ""
+
+
+def test_env_file_is_not_written_through_a_symlink(tmp_path: Path) -> None:
+    shared = _shared_sticky_dir(tmp_path)
+    elsewhere = tmp_path / "victim"
+    elsewhere.write_text("untouched\n")
+    (shared / ".burrow.env.tmp").symlink_to(elsewhere)
+    dev.write_env_file(shared / "burrow.env", {"BURROW_TOKEN": "secret-token"})
+    assert elsewhere.read_text() == "untouched\n"
+    assert not (shared / "burrow.env").is_symlink()
+    assert stat.S_IMODE((shared / "burrow.env").stat().st_mode) == 0o600

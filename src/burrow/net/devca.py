@@ -63,9 +63,15 @@ class DevCertificates:
     """The private key of :attr:`cert`."""
 
 
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    # Write to a temporary file beside the target, then rename over it:
-    # a reader sees the old file or the new one, never half of either.
+def write_atomically(path: Path, data: bytes, mode: int = _PRIVATE_MODE) -> None:
+    """Write ``path`` whole with ``mode`` (private by default), through no file anyone else made.
+
+    The temporary file beside the target is a fresh one of this process's own
+    (``mkstemp``: a random name, ``O_EXCL``, mode 0600 from creation), so
+    another local user cannot pre-create it or point it elsewhere with a
+    symlink; the rename then makes it the target, which a reader sees old or
+    new, never half written.
+    """
     try:
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     except OSError as exc:
@@ -245,8 +251,8 @@ def ensure_dev_certificates(
         ca = _new_ca(current)
         # Key first: if we stop between the two writes, the pair no longer
         # matches and the next call starts over instead of using it.
-        _write_atomically(state_dir / CA_KEY_FILE, _key_pem(ca[1]), _PRIVATE_MODE)
-        _write_atomically(paths.ca_cert, _cert_pem(ca[0]), _PUBLIC_MODE)
+        write_atomically(state_dir / CA_KEY_FILE, _key_pem(ca[1]), _PRIVATE_MODE)
+        write_atomically(paths.ca_cert, _cert_pem(ca[0]), _PUBLIC_MODE)
     ca_cert, ca_key = ca
 
     leaf = _load_pair(paths.cert, paths.key)
@@ -257,6 +263,6 @@ def ensure_dev_certificates(
         or not _signed_by(leaf[0], ca_cert)
     ):
         cert, key = _new_leaf(domain, ca_cert, ca_key, current)
-        _write_atomically(paths.key, _key_pem(key), _PRIVATE_MODE)
-        _write_atomically(paths.cert, _cert_pem(cert), _PUBLIC_MODE)
+        write_atomically(paths.key, _key_pem(key), _PRIVATE_MODE)
+        write_atomically(paths.cert, _cert_pem(cert), _PUBLIC_MODE)
     return paths

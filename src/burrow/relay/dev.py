@@ -90,11 +90,7 @@ def prepare(
 def write_env_file(path: Path, env: dict[str, str]) -> None:
     """Write atomically with mode 0600: the token is a secret."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(format_env(env))
-    os.replace(tmp, path)
+    devca.write_atomically(path, format_env(env).encode())
 
 
 def write_pid(state_dir: Path) -> None:
