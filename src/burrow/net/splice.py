@@ -12,14 +12,18 @@ import asyncio
 import collections
 import contextlib
 import fcntl
+import logging
 import os
 import select
 import socket
 import threading
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
+from burrow.exception import RemoteProtocolError
 from burrow.net.stream import LINGER_RESET, Chunk, Stream
+
+log = logging.getLogger(__name__)
 
 
 class Splice:
@@ -396,8 +400,71 @@ class KernelSplice(Splice):
 
 
 
-def join(a: Stream, b: Stream, *, on_done: Callable[[Splice], None] | None = None) -> Splice:
-    """The fastest splice that can join ``a`` and ``b``."""
+class Inspector(Protocol):
+    """Reads what crosses an :class:`InspectedSplice`; ``a`` is the visitor's side.
+
+    ``from_visitor`` returns what of the visitor's bytes to forward, ``to_visitor``
+    what to pass back (the other side's bytes, with anything of its own in
+    between), ``replies`` what it has to say to the visitor right now. Each may
+    raise :class:`RemoteProtocolError`, which ends the splice.
+    """
+
+    def from_visitor(self, data: Chunk) -> Chunk: ...
+
+    def to_visitor(self, data: Chunk) -> Chunk: ...
+
+    def replies(self) -> bytes: ...
+
+
+class InspectedSplice(Splice):
+    """A splice whose bytes pass through an :class:`Inspector` (the relay's h2 check).
+
+    A subclass so that a plain :class:`Splice` keeps its per-chunk path as it
+    was, and never a :class:`KernelSplice`, whose bytes Python never sees.
+    """
+
+    def __init__(
+        self,
+        a: Stream,
+        b: Stream,
+        inspector: Inspector,
+        *,
+        on_done: Callable[[Splice], None] | None = None,
+    ) -> None:
+        super().__init__(a, b, on_done=on_done)
+        self.inspector = inspector
+
+    def on_data(self, stream: Stream, data: Chunk) -> None:
+        if self.done:
+            return
+        try:
+            if stream is self.a:
+                self.bytes_a_to_b += len(data)
+                forward = self.inspector.from_visitor(data)
+                if forward:
+                    self.b.write(forward)
+                reply = self.inspector.replies()
+                if reply:
+                    self.a.write(reply)
+            else:
+                self.bytes_b_to_a += len(data)
+                self.a.write(self.inspector.to_visitor(data))
+        except RemoteProtocolError as exc:
+            side = "visitor" if stream is self.a else "server"
+            log.info("closing %s: its %s broke the protocol: %s", self.a.peername, side, exc)
+            self._finish(abort=False)
+
+
+def join(
+    a: Stream,
+    b: Stream,
+    *,
+    on_done: Callable[[Splice], None] | None = None,
+    inspector: Inspector | None = None,
+) -> Splice:
+    """The fastest splice that can join ``a`` and ``b``; through ``inspector`` if given."""
+    if inspector is not None:
+        return InspectedSplice(a, b, inspector, on_done=on_done)
     if KernelSplice.possible(a, b):
         return KernelSplice(a, b, on_done=on_done)
     return Splice(a, b, on_done=on_done)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Mapping
@@ -41,8 +42,14 @@ from burrow.relay.session import RelaySession
 from burrow.relay.workers import Worker
 from burrow.wire import allowlist, names, protocol
 from burrow.wire.clienthello import ClientHello
+from burrow.wire.h2 import Inspector as H2Inspector
 
 log = logging.getLogger("burrow.relay")
+
+# Only for bench/h2_inspection.py, which measures what the HTTP/2 check costs:
+# "1" turns it off, and with it the guarantee that one tunnel's visitors' requests
+# never reach another tunnel (docs/security.md). Never set it on a real relay.
+_INSPECT_H2: Final = os.environ.get("BURROW_BENCH_NO_H2_INSPECTION") != "1"
 
 # The answer to anyone who speaks plain HTTP to the TLS port.
 _PLAIN_HTTP_BODY: Final = b"burrow: this port speaks HTTPS; use https://\n"
@@ -361,9 +368,25 @@ class Relay:
             visitor.close()
             return
         data.send(protocol.Bind(id=tunnel.id, visitor=visitor.peername))
-        splice = join(visitor, data.stream, on_done=tunnel.splices.discard)
+        splice = join(
+            visitor, data.stream, on_done=tunnel.splices.discard, inspector=self._h2_check(visitor)
+        )
         tunnel.splices.add(splice)
         splice.start()
+
+    def _h2_check(self, visitor: Stream) -> H2Inspector | None:
+        """For an HTTP/2 visitor, what refuses requests for other names (421).
+
+        Tunnels share one certificate and address, so browsers coalesce: they
+        send a request for one tunnel's name on a connection to another's
+        (RFC 9113 §9.1.1), cookies and all. Reading each request's authority is
+        the relay's one look above layer 4, and it only refuses (wire/h2.py).
+        Browsers pool HTTP/1.1 connections per origin, so only h2 needs it;
+        raw TCP has no names.
+        """
+        if not _INSPECT_H2 or not isinstance(visitor, TlsStream) or visitor.alpn != "h2":
+            return None
+        return H2Inspector(visitor.server_name or "", frozenset({self.public_port}))
 
     def _new_tcp_visitor(self, tunnel: RelayTunnel) -> Stream:
         def connected(stream: Stream) -> None:
