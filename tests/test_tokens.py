@@ -24,6 +24,7 @@ from burrow.tokens import (
     TokenError,
     TokenGrant,
     append_revocation,
+    check_time,
     generate_signing_key,
     mint,
     parse_duration,
@@ -251,7 +252,7 @@ def test_control_token_built_by_hand_verifies() -> None:
         good_payload(max_tunnels=-1),
         good_payload(max_tunnels=True),
         good_payload(max_tunnels="3"),
-        good_payload(aud="somebody"),
+        good_payload(aud="not a relay"),
         [1, 2, 3],
         "a string",
         b"not json at all",
@@ -617,3 +618,71 @@ def test_append_revocation_into_a_missing_directory(tmp_path: Path) -> None:
     path = tmp_path / "nope" / "revoked.txt"
     with pytest.raises(InvalidError, match=str(path)):
         append_revocation(path, "abc")
+
+
+# Not before, and the relays a token is for
+
+
+def test_a_token_is_not_valid_before_its_nbf() -> None:
+    token = signed({"alg": "EdDSA", "typ": "JWT"}, good_payload(nbf=NOW + 100))
+    assert reason_of(token, now=NOW) == "not-yet-valid"
+    assert reason_of(token, now=NOW + 69) == "not-yet-valid"
+    assert verify(token, PUBLIC, now=NOW + 70).not_before == NOW + 100
+    with pytest.raises(TokenError, match="token is not valid yet: not before 2026-01-01T00:01:40Z"):
+        verify(token, PUBLIC, now=NOW, leeway_seconds=0)
+
+
+def test_mint_not_before() -> None:
+    token = mint(KEY, subject="x", ttl_seconds=60, now=NOW, not_before=NOW + 10)
+    assert json.loads(unb64(token.split(".")[1]))["nbf"] == NOW + 10
+    assert reason_of(token, now=NOW, leeway_seconds=0) == "not-yet-valid"
+
+
+def test_a_token_may_name_the_relays_it_is_for() -> None:
+    token = mint(
+        KEY, subject="x", ttl_seconds=60, now=NOW, relays=["R1.Example.com.", "r2.example.com"]
+    )
+    payload = json.loads(unb64(token.split(".")[1]))
+    assert payload["aud"] == ["r1.example.com", "r2.example.com"]
+    grant = verify(token, PUBLIC, now=NOW, relay="r2.example.com")
+    assert grant.relays == ("r1.example.com", "r2.example.com")
+    with pytest.raises(
+        TokenError, match=r"^token is for r1.example.com, r2.example.com only, not r3.example.com$"
+    ) as info:
+        verify(token, PUBLIC, now=NOW, relay="r3.example.com")
+    assert info.value.reason == "wrong-relay"
+    # Without a relay to check against (a tool reading the token), it is just a grant.
+    assert verify(token, PUBLIC, now=NOW).relays == ("r1.example.com", "r2.example.com")
+
+
+def test_a_token_for_every_relay_names_none() -> None:
+    token = mint(KEY, subject="x", ttl_seconds=60, now=NOW)
+    assert "aud" not in json.loads(unb64(token.split(".")[1]))
+    assert verify(token, PUBLIC, now=NOW, relay="r9.example.com").relays is None
+
+
+def test_a_single_audience_string_counts_as_one_relay() -> None:
+    token = signed({"alg": "EdDSA"}, good_payload(aud="r1.example.com"))
+    assert verify(token, PUBLIC, now=NOW, relay="r1.example.com").relays == ("r1.example.com",)
+    assert reason_of(token, now=NOW, relay="r2.example.com") == "wrong-relay"
+
+
+@pytest.mark.parametrize("aud", [5, [], [5], ["ok.example.com", None], {"a": 1}, ["x" * 300]])
+def test_a_malformed_audience_is_malformed(aud: Any) -> None:
+    token = signed({"alg": "EdDSA"}, good_payload(aud=aud))
+    assert reason_of(token, now=NOW, relay="ok.example.com") == "malformed"
+
+
+@pytest.mark.parametrize("relays", [[], ["not a domain"], ["10.0.0.1"]])
+def test_mint_refuses_bad_relays(relays: list[str]) -> None:
+    with pytest.raises(InvalidError):
+        mint(KEY, subject="x", ttl_seconds=60, now=NOW, relays=relays)
+
+
+def test_check_time_is_what_verify_checks_and_what_a_relay_checks_later() -> None:
+    grant = verify(mint(KEY, subject="x", ttl_seconds=60, now=NOW), PUBLIC, now=NOW)
+    assert check_time(grant, now=NOW + 89) is None
+    refusal = check_time(grant, now=NOW + 90)
+    assert refusal is not None and refusal.reason == "expired"
+    assert str(refusal) == "token expired at 2026-01-01T00:01:00Z"
+    assert check_time(grant, now=NOW + 61, leeway_seconds=0) is not None

@@ -10,7 +10,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from burrow.exception import AuthError, InvalidError
+from burrow.wire import names
 
 TOKEN_ISSUER = "burrow"
 
@@ -61,7 +62,13 @@ _NEVER = "never"
 # PyJWT only ever sees ASCII of the right shape.
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
-TokenErrorReason = Literal["malformed", "bad-signature", "expired", "not-yet-valid", "revoked"]
+# A token may name the relays it is for (its `aud`); more than this is not a
+# token anyone meant to write, and each name is a relay's domain.
+MAX_TOKEN_RELAYS = 64
+
+TokenErrorReason = Literal[
+    "malformed", "bad-signature", "expired", "not-yet-valid", "revoked", "wrong-relay"
+]
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,12 @@ class TokenGrant:
 
     max_tunnels: int | None
     """How many tunnels a session with this token may hold open at once; None for no limit."""
+
+    not_before: int | None = None
+    """When the token starts being accepted (the JWT ``nbf``); None for from its issue."""
+
+    relays: tuple[str, ...] | None = None
+    """The domains of the relays that accept it (the JWT ``aud``); None for every relay."""
 
 
 class TokenError(AuthError):
@@ -193,8 +206,13 @@ def mint(
     ttl_seconds: int | None,
     max_tunnels: int | None = None,
     now: float | None = None,
+    not_before: int | None = None,
+    relays: Sequence[str] | None = None,
 ) -> str:
-    """A token for ``subject``, valid for ``ttl_seconds`` from ``now`` (None: forever)."""
+    """A token for ``subject``, valid for ``ttl_seconds`` from ``now`` (None: forever).
+
+    ``not_before`` delays its start; ``relays`` (their domains) limits it to those relays.
+    """
     if not subject or len(subject) > MAX_SUBJECT_LENGTH:
         raise InvalidError(f"token subject must be 1 to {MAX_SUBJECT_LENGTH} characters")
     if ttl_seconds is not None and not 0 < ttl_seconds <= MAX_TTL_SECONDS:
@@ -203,6 +221,9 @@ def mint(
         )
     if max_tunnels is not None and max_tunnels < 1:
         raise InvalidError("max_tunnels must be at least 1, or None for no limit")
+    if not_before is not None and not 0 <= not_before <= MAX_TIMESTAMP:
+        raise InvalidError("not_before must be a time in seconds since the epoch")
+    audience = _relay_names(relays) if relays is not None else None
     issued_at = int(time.time() if now is None else now)
     payload: dict[str, Any] = {
         "iss": TOKEN_ISSUER,
@@ -214,7 +235,17 @@ def mint(
         payload["exp"] = issued_at + ttl_seconds
     if max_tunnels is not None:
         payload["max_tunnels"] = max_tunnels
+    if not_before is not None:
+        payload["nbf"] = not_before
+    if audience is not None:
+        payload["aud"] = list(audience)
     return jwt.encode(payload, key, algorithm=TOKEN_ALGORITHM)
+
+
+def _relay_names(relays: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(relays, str) or not 0 < len(relays) <= MAX_TOKEN_RELAYS:
+        raise InvalidError(f"a token names 1 to {MAX_TOKEN_RELAYS} relays, or None for every relay")
+    return tuple(dict.fromkeys(names.normalize_domain(relay) for relay in relays))
 
 
 def _decode(token: str, public_key: Ed25519PublicKey) -> dict[str, Any]:
@@ -230,6 +261,7 @@ def _decode(token: str, public_key: Ed25519PublicKey) -> dict[str, Any]:
                 "verify_exp": False,
                 "verify_iat": False,
                 "verify_nbf": False,
+                "verify_aud": False,  # checked by verify, against the relay's own domain
                 "require": ["iss", "sub", "iat", "jti"],
             },
         )
@@ -265,7 +297,45 @@ def _grant(payload: dict[str, Any]) -> TokenGrant:
         issued_at=_timestamp(payload, "iat"),
         expires_at=_timestamp(payload, "exp") if "exp" in payload else None,
         max_tunnels=max_tunnels,
+        not_before=_timestamp(payload, "nbf") if "nbf" in payload else None,
+        relays=_audience(payload["aud"]) if "aud" in payload else None,
     )
+
+
+def _audience(value: object) -> tuple[str, ...]:
+    """The relays of a token's ``aud``: one domain, or a list of them (RFC 7519 §4.1.3)."""
+    relays = [value] if isinstance(value, str) else value
+    if (
+        not isinstance(relays, list)
+        or not 0 < len(relays) <= MAX_TOKEN_RELAYS
+        or not all(isinstance(relay, str) for relay in relays)
+    ):
+        raise TokenError("malformed", "token is malformed: 'aud' is not a list of relays")
+    try:
+        return _relay_names(relays)
+    except InvalidError:
+        raise TokenError("malformed", "token is malformed: 'aud' is not a list of relays") from None
+
+
+def check_time(
+    grant: TokenGrant, *, now: float, leeway_seconds: int = DEFAULT_LEEWAY_SECONDS
+) -> TokenError | None:
+    """Why ``grant`` is not valid at ``now`` (too early or expired), or None if it is.
+
+    A relay asks at ``hello`` (through :func:`verify`) and again for as long
+    as a session lives: on each ``open`` and in its periodic sweep.
+    """
+    if grant.issued_at > now + leeway_seconds:
+        return TokenError(
+            "not-yet-valid", f"token is not valid yet: issued at {_utc(grant.issued_at)}"
+        )
+    if grant.not_before is not None and grant.not_before > now + leeway_seconds:
+        return TokenError(
+            "not-yet-valid", f"token is not valid yet: not before {_utc(grant.not_before)}"
+        )
+    if grant.expires_at is not None and grant.expires_at <= now - leeway_seconds:
+        return TokenError("expired", f"token expired at {_utc(grant.expires_at)}")
+    return None
 
 
 def verify(
@@ -275,11 +345,14 @@ def verify(
     now: float | None = None,
     leeway_seconds: int = DEFAULT_LEEWAY_SECONDS,
     revoked: Container[str] = frozenset(),
+    relay: str | None = None,
 ) -> TokenGrant:
     """What ``token`` grants if ``public_key`` signed it and it is valid at ``now``.
 
-    A token whose id is in ``revoked`` is refused too. Raises TokenError for
-    every way a token can be bad, whatever the input.
+    A token whose id is in ``revoked`` is refused too, and so is one that
+    names its relays when ``relay`` (the checking relay's normalised domain)
+    is not among them. Raises TokenError for every way a token can be bad,
+    whatever the input.
     """
     if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
         raise TokenError("malformed", "token is malformed: not a string of a sane length")
@@ -290,13 +363,13 @@ def verify(
     # that copies a revoked id is still just a forgery.
     if grant.token_id in revoked:
         raise TokenError("revoked", f"token {grant.token_id} was revoked")
-    current = time.time() if now is None else now
-    if grant.issued_at > current + leeway_seconds:
-        raise TokenError(
-            "not-yet-valid", f"token is not valid yet: issued at {_utc(grant.issued_at)}"
-        )
-    if grant.expires_at is not None and grant.expires_at <= current - leeway_seconds:
-        raise TokenError("expired", f"token expired at {_utc(grant.expires_at)}")
+    refusal = check_time(
+        grant, now=time.time() if now is None else now, leeway_seconds=leeway_seconds
+    )
+    if refusal is not None:
+        raise refusal
+    if relay is not None and grant.relays is not None and relay not in grant.relays:
+        raise TokenError("wrong-relay", f"token is for {', '.join(grant.relays)} only, not {relay}")
     return grant
 
 

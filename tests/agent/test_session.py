@@ -8,6 +8,7 @@ flags that the connect and reconnect loops read.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -48,6 +49,10 @@ def _expected(code: str, stage: Stage) -> tuple[type[Error], str, bool]:
     if code == protocol.CODE_AUTH and stage == "hello":
         return AuthError, f"the relay at {RELAY} refused the token: why", False
     if code == protocol.CODE_AUTH and stage == "session":
+        return AuthError, f"the relay at {RELAY} ended the session: why", False
+    if code == protocol.CODE_TOKEN_EXPIRED and stage == "hello":
+        return AuthError, f"the relay at {RELAY} refused the token: why", False
+    if code == protocol.CODE_TOKEN_EXPIRED:  # answering an open, it ends the session too
         return AuthError, f"the relay at {RELAY} ended the session: why", False
     if code == protocol.CODE_PORT_FORWARDED and stage == "open":
         return InvalidError, "why", False
@@ -440,6 +445,44 @@ async def test_a_revoked_token_ends_the_session(
     await session.close()
 
 
+async def test_an_expired_token_ends_the_session_for_good(
+    relay: ScriptedRelay, certs: devca.DevCertificates
+) -> None:
+    session, peer = await _connected(relay, certs)
+    opening = asyncio.create_task(session.open_tunnel(8000, tcp=False, h2=False))
+    request = await peer.receive()
+    assert isinstance(request, protocol.Open)
+    expired = "token expired at 2026-01-01T00:01:00Z"
+    peer.send(protocol.Error(id=request.id, code=protocol.CODE_TOKEN_EXPIRED, message=expired))
+    peer.send(protocol.Error(code=protocol.CODE_TOKEN_EXPIRED, message=expired))
+    with pytest.raises(AuthError) as info:
+        await asyncio.wait_for(opening, STEP)
+    assert str(info.value) == f"the relay at {relay.address} ended the session: {expired}"
+    assert not info.value.retryable
+    reader = session._reader
+    assert reader is not None
+    await asyncio.wait_for(reader, STEP)
+    assert session.closed
+    assert await peer.receive() is None
+    assert len(relay.server_names) == 1  # and no reconnect
+    await session.close()
+
+
+async def test_relay_strings_are_logged_on_one_line(
+    relay: ScriptedRelay, certs: devca.DevCertificates, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="burrow.agent")
+    session, peer = await _connected(relay, certs)
+    peer.send(protocol.Error(code="x\nfake", message="bye\n2026-01-01 ERROR burrow.agent: forged"))
+    reader = session._reader
+    assert reader is not None
+    await asyncio.wait_for(reader, STEP)
+    lines = [r.getMessage() for r in caplog.records if r.name == "burrow.agent"]
+    assert any("bye\\n2026-01-01 ERROR" in line for line in lines), lines
+    assert not any("\n" in line for line in lines), lines
+    await session.close()
+
+
 async def test_another_session_error_ends_the_session(
     relay: ScriptedRelay, certs: devca.DevCertificates
 ) -> None:
@@ -456,6 +499,47 @@ async def test_another_session_error_ends_the_session(
 
 
 # -- losing the session and getting it back ---------------------------------------
+
+
+@pytest.mark.parametrize("tcp_port", [20002, None])
+async def test_a_tunnel_whose_tcp_port_cannot_come_back_keeps_its_name(
+    relay: ScriptedRelay,
+    certs: devca.DevCertificates,
+    caplog: pytest.LogCaptureFixture,
+    tcp_port: int | None,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="burrow.agent")
+    session, peer = await _connected(relay, certs)
+    try:
+        first = await _open(session, peer)
+        await _lose(peer, "closed")
+        again = await relay.accept()
+        await again.welcome(session="s2")
+        reopen = await again.receive()
+        assert isinstance(reopen, protocol.Open) and reopen.claim == "claim-1"
+        again.send(
+            protocol.Opened(
+                id=reopen.id,
+                host=f"abc.{DOMAIN}",
+                port=443,
+                tcp_host=DOMAIN if tcp_port else None,
+                tcp_port=tcp_port,
+                claim="claim-2",
+            )
+        )
+        await _open(session, again, 8001)
+        kept = session.tunnels[first.id]
+        assert kept.claim == "claim-2"
+        assert kept.tunnel.host == f"abc.{DOMAIN}"
+        now = f"now {DOMAIN}:{tcp_port}" if tcp_port else "it has none now"
+        assert any(
+            f"abc.{DOMAIN}" in r.getMessage()
+            and "TCP port 20001" in r.getMessage()
+            and now in r.getMessage()
+            for r in caplog.records
+        ), caplog.text
+    finally:
+        await session.close()
 
 
 async def _lose(peer: Peer, how: str) -> None:

@@ -3,7 +3,7 @@ comes out. No sockets, and time is passed in."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -54,9 +54,15 @@ def mint(**kw: object) -> str:
     return tokens.mint(KEY, subject="ci", ttl_seconds=3600, now=NOW, **kw)  # type: ignore[arg-type]
 
 
-def grant(token_id: str = "tok1", max_tunnels: int | None = None) -> tokens.TokenGrant:
+def grant(
+    token_id: str = "tok1", max_tunnels: int | None = None, expires_at: int | None = None
+) -> tokens.TokenGrant:
     return tokens.TokenGrant(
-        subject="ci", token_id=token_id, issued_at=NOW, expires_at=None, max_tunnels=max_tunnels
+        subject="ci",
+        token_id=token_id,
+        issued_at=NOW,
+        expires_at=expires_at,
+        max_tunnels=max_tunnels,
     )
 
 
@@ -257,3 +263,83 @@ def test_the_limits_come_from_the_config() -> None:
     config = replace(CONFIG, max_tunnels_per_session=1)
     got = admission(config).check_open(open_(2), grant=grant(), tunnels={1}, now=0.0)
     assert got == error(protocol.CODE_LIMIT, "this session may hold at most 1 tunnels", 2)
+
+
+# -- a token's life: expiry, not-before, the relays it names --------------------------
+
+
+def test_a_token_that_names_other_relays_is_refused() -> None:
+    token = mint(relays=["r2.example.com"])
+    assert admission().check_hello(hello(token), now=NOW) == error(
+        protocol.CODE_AUTH, "token is for r2.example.com only, not r1.example.com"
+    )
+    # The relay's own domain is compared normalised, whatever its config says.
+    gate = admission(replace(CONFIG, domain="R1.Example.COM."))
+    got = gate.check_hello(hello(mint(relays=["r2.example.com", "r1.example.com"])), now=NOW)
+    assert isinstance(got, tokens.TokenGrant)
+
+
+def test_a_token_before_its_nbf_is_refused_at_hello() -> None:
+    token = mint(not_before=NOW + 600)
+    got = admission().check_hello(hello(token), now=NOW)
+    assert got == error(
+        protocol.CODE_AUTH, "token is not valid yet: not before 2027-01-15T08:10:00Z"
+    )
+    assert isinstance(admission().check_hello(hello(token), now=NOW + 600), tokens.TokenGrant)
+
+
+def test_an_expired_token_opens_nothing() -> None:
+    gate = admission()
+    doomed = grant(expires_at=NOW + 60)
+    # Within the leeway, it still opens.
+    got = gate.check_open(open_(1), grant=doomed, tunnels={}, now=0.0, wall=NOW + 60 + 29)
+    assert isinstance(got, Admitted)
+    got = gate.check_open(open_(2), grant=doomed, tunnels={1}, now=0.0, wall=NOW + 60 + 30)
+    assert got == error(protocol.CODE_TOKEN_EXPIRED, "token expired at 2027-01-15T08:01:00Z", 2)
+    # Before anything else: even a claim is refused.
+    claim = CLAIMS.sign("abcdefghijklmn", None, "tok1")
+    got = gate.check_open(open_(3, claim=claim), grant=doomed, tunnels={}, now=0.0, wall=NOW + 999)
+    assert isinstance(got, protocol.Error) and got.code == protocol.CODE_TOKEN_EXPIRED
+
+
+def test_a_live_session_of_an_expired_token_is_ended() -> None:
+    gate = admission()
+    assert gate.check_session(grant(expires_at=NOW + 60), now=NOW + 89) is None
+    assert gate.check_session(grant(), now=NOW + 10**9) is None
+    assert gate.check_session(grant(expires_at=NOW + 60), now=NOW + 90) == error(
+        protocol.CODE_TOKEN_EXPIRED, "token expired at 2027-01-15T08:01:00Z"
+    )
+
+
+# -- taking names back at the limit -----------------------------------------------
+
+
+def held_by(token_id: str, label: str = "abcdefghijklmn") -> RelayTunnel:
+    @dataclass
+    class Holder:
+        grant: tokens.TokenGrant
+        closed: bool = False
+
+    return RelayTunnel(
+        session=Holder(grant(token_id)),  # type: ignore[arg-type]
+        id=1,
+        label=label,
+        host=f"{label}.r1.example.com",
+        h2=False,
+        local_port=8000,
+    )
+
+
+def test_a_token_at_its_limit_may_take_back_its_own_names() -> None:
+    routes = {"abcdefghijklmn": held_by("tok1")}
+    gate = admission(routes=routes)
+    gate.quotas.add("tok1")  # the tunnel its lost session still holds
+    claim = CLAIMS.sign("abcdefghijklmn", None, "tok1")
+    got = gate.check_open(open_(claim=claim), grant=grant(max_tunnels=1), tunnels={}, now=0.0)
+    assert got == Admitted(allow=None, claim=Claim("abcdefghijklmn", None))
+    # A new tunnel, or a claim on a name no one holds, still counts against the limit.
+    full = error(protocol.CODE_LIMIT, "this token may hold at most 1 tunnels", 1)
+    assert gate.check_open(open_(), grant=grant(max_tunnels=1), tunnels={}, now=0.0) == full
+    other = CLAIMS.sign("zzzzzzzzzzzzzz", None, "tok1")
+    got = gate.check_open(open_(claim=other), grant=grant(max_tunnels=1), tunnels={}, now=0.0)
+    assert got == full

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from burrow.net.channel import Channel
+from burrow.relay.ports import TcpPorts
 from burrow.relay.quota import TokenQuotas
 from burrow.relay.registry import Registry, RelayTunnel
 from burrow.tokens import TokenGrant
@@ -203,3 +204,19 @@ def test_a_new_name_skips_names_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
     made = iter(["aaaaaaaaaaaaaa", "bbbbbbbbbbbbbb", "cccccccccccccc"])
     monkeypatch.setattr(names, "new_label_for", lambda index, count: next(made))
     assert registry.new_name() == "cccccccccccccc"
+
+
+async def test_an_unpublished_tcp_port_is_kept_for_its_token() -> None:
+    async def bind(host: str, port: int) -> Closable:
+        return Closable()
+
+    ports = TcpPorts(["127.0.0.1"], (21000, 21000), clock=lambda: 0.0)
+    registry = Registry(DOMAIN, TokenQuotas(100, 10.0, 10), ports=ports)
+    alice = FakeSession("alice-session", grant("alice"))
+    tunnel = registry.publish(alice, open_(tcp=True))
+    tunnel.tcp_port, tunnel.tcp_servers = await ports.bind(bind, owner="alice")
+    registry.remove_session(alice)
+    assert tunnel.tcp_servers[0].closed
+    assert ports.held_for(21000) == "alice"
+    assert list(ports.candidates(owner="bob")) == []
+    assert list(ports.candidates(21000, owner="alice")) == [21000]

@@ -19,6 +19,7 @@ from burrow.wire.names import (
     normalize_domain,
     parse_address,
     resolve_host,
+    server_name,
 )
 
 # Labels
@@ -264,3 +265,37 @@ def test_parse_address_only_raises_invalid_error(text: str, default_port: int) -
         return
     assert host
     assert 0 <= port <= 65535
+
+
+# Server names: one normal form for every path that routes by name
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("abc.r1.example.com", "abc.r1.example.com"),
+        ("ABC.R1.Example.com.", "abc.r1.example.com"),
+        ("r1.example.com.", "r1.example.com"),
+        ("abc.r1.example.com..", None),
+        ("abc..r1.example.com", None),
+        (".abc.r1.example.com", None),
+        ("", None),
+        (".", None),
+        ("\u212a.r1.example.com", None),
+        (None, None),
+    ],
+)
+def test_server_name_is_the_one_normal_form(name: str | None, expected: str | None) -> None:
+    assert server_name(name) == expected
+
+
+@given(st.text(alphabet="aB.-1", max_size=30))
+def test_label_of_agrees_with_server_name(name: str) -> None:
+    # Whatever a visitor sends, every path routes it the same way: _route reads
+    # label_of of the raw name, the SNI callback label_of of server_name's.
+    normal = server_name(name)
+    assert label_of(name, "r1.example.com") == (
+        label_of(normal, "r1.example.com") if normal is not None else None
+    )
+    if normal is not None:
+        assert server_name(normal) == normal

@@ -29,6 +29,7 @@ from burrow.net.stream import Stream, TlsStream
 from burrow.net.tasks import TaskSet
 from burrow.tunnel import Tunnel
 from burrow.wire import names, protocol
+from burrow.wire.text import loggable
 
 log = logging.getLogger("burrow.agent")
 
@@ -107,6 +108,9 @@ class AgentTunnel:
     allow: str | None = None
     claim: str | None = None
     """The relay's proof that this tunnel's names are ours, to get them back after a loss."""
+    tcp_port: int | None = None
+    """Its raw TCP port now: ``tunnel.unencrypted_port``, unless a reconnect could not
+    take that back."""
     splices: set[Splice] = field(default_factory=set)
 
 
@@ -146,7 +150,7 @@ class AgentSession:
                 return session
             except Error as exc:
                 if exc.retryable and attempt < CONNECT_ATTEMPTS:
-                    log.info("relay %s: %s; retrying in %.2fs", config.relay, exc, delay)
+                    log.info("relay %s: %s; retrying in %.2fs", config.relay, loggable(exc), delay)
                     await asyncio.sleep(delay)
                     delay *= 2
                     continue
@@ -245,7 +249,7 @@ class AgentSession:
         self._pool_to_fill = reply.pool
         if self.tunnels:
             self._fill_pool()
-        log.info("session %s with relay %s", reply.session, self.config.relay)
+        log.info("session %s with relay %s", loggable(reply.session), self.config.relay)
 
     def _fill_pool(self) -> None:
         for _ in range(self._pool_to_fill):
@@ -277,7 +281,7 @@ class AgentSession:
 
     def _lost(self, reason: BaseException) -> None:
         """The control connection is gone: keep the tunnels and get a new session."""
-        log.warning("%s; reconnecting", reason)
+        log.warning("%s; reconnecting", loggable(reason))
         self._channel = None
         self._connected.clear()
         for future in self._pending.values():
@@ -298,14 +302,18 @@ class AgentSession:
                 await self._handshake(resume)
             except Error as exc:
                 if not exc.retryable:
-                    log.error("relay %s: %s; giving up the session", self.config.relay, exc)
+                    log.error(
+                        "relay %s: %s; giving up the session", self.config.relay, loggable(exc)
+                    )
                     self._end(exc)
                     return
                 cap = RECONNECT_MAX_DELAY
                 if time.monotonic() - started > RECONNECT_PATIENCE:
                     cap = RECONNECT_SLOW_DELAY
                 delay = min(delay * 2, cap)
-                log.info("relay %s: %s; trying again in %.1fs", self.config.relay, exc, delay)
+                log.info(
+                    "relay %s: %s; trying again in %.1fs", self.config.relay, loggable(exc), delay
+                )
                 continue
             self.reconnects += 1
             await self._reopen_tunnels()
@@ -329,15 +337,23 @@ class AgentSession:
                 )
             except ConnectionError:
                 return  # this session was lost too: the next reconnect tries again
-            if (
-                isinstance(reply, protocol.Opened)
-                and reply.host == tunnel.host
-                and reply.tcp_port == tunnel.unencrypted_port
-            ):
+            if isinstance(reply, protocol.Opened) and reply.host == tunnel.host:
                 agent_tunnel.claim = reply.claim
+                if reply.tcp_port != agent_tunnel.tcp_port:
+                    # The relay keeps a lost tunnel's port only for a while: the
+                    # name is back, the port is another one or none.
+                    log.warning(
+                        "tunnel %s is back, but not its TCP port %s: %s",
+                        tunnel.url,
+                        agent_tunnel.tcp_port,
+                        f"now {loggable(reply.tcp_host)}:{reply.tcp_port}"
+                        if reply.tcp_port is not None
+                        else "it has none now",
+                    )
+                    agent_tunnel.tcp_port = reply.tcp_port
                 continue
             why = reply.message if isinstance(reply, protocol.Error) else "other names"
-            log.error("tunnel %s could not be published again: %s", tunnel.url, why)
+            log.error("tunnel %s could not be published again: %s", tunnel.url, loggable(why))
             self.tunnels.pop(agent_tunnel.id, None)
             for splice in list(agent_tunnel.splices):
                 splice.close()
@@ -352,7 +368,11 @@ class AgentSession:
             case protocol.Opened(id=tunnel_id) | protocol.Closed(id=tunnel_id):
                 self._resolve(tunnel_id, message)
             case protocol.Error(id=None):
-                log.warning("relay ended the session: %s (%s)", message.message, message.code)
+                log.warning(
+                    "relay ended the session: %s (%s)",
+                    loggable(message.message),
+                    loggable(message.code),
+                )
                 error = from_wire(message, self.config.relay, "session")
                 if not error.retryable:  # else the session is lost and comes back
                     self._fatal = error
@@ -429,6 +449,7 @@ class AgentSession:
             h2=h2,
             allow=allow,
             claim=reply.claim,
+            tcp_port=reply.tcp_port,
         )
         self._fill_pool()
         return tunnel
@@ -465,7 +486,7 @@ class AgentSession:
         try:
             stream = await self._dial_data()
         except ConnectionError as exc:
-            log.warning("data connection to %s failed: %s", self.config.relay, exc)
+            log.warning("data connection to %s failed: %s", self.config.relay, loggable(exc))
             return
         log.debug("data connection to %s up", self.config.relay)
         channel = Channel(stream, protocol.Connection(protocol.Kind.DATA, protocol.Role.AGENT))
@@ -476,12 +497,12 @@ class AgentSession:
             stream.abort()
             raise
         except (RemoteProtocolError, ConnectionError) as exc:
-            log.info("data connection ended before a visitor: %s", exc)
+            log.info("data connection ended before a visitor: %s", loggable(exc))
             stream.abort()
             return
         if not isinstance(bind, protocol.Bind):
             if isinstance(bind, protocol.Error):
-                log.warning("relay refused a data connection: %s", bind.message)
+                log.warning("relay refused a data connection: %s", loggable(bind.message))
             stream.close()
             return
         agent_tunnel = self.tunnels.get(bind.id)
@@ -492,7 +513,7 @@ class AgentSession:
         if local is None or agent_tunnel.id not in self.tunnels:
             log.info(
                 "visitor %s: nothing listens on local port %d",
-                bind.visitor,
+                loggable(bind.visitor),
                 agent_tunnel.local_port,
             )
             if local is not None:

@@ -7,7 +7,8 @@ passed in, and nothing here touches a socket.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Container
+import time
+from collections.abc import Callable, Collection, Container, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -19,7 +20,7 @@ from burrow.relay.claims import Claim, ClaimSigner
 from burrow.relay.config import RelayConfig
 from burrow.relay.quota import TokenQuotas
 from burrow.relay.registry import RelayTunnel
-from burrow.wire import allowlist, protocol
+from burrow.wire import allowlist, names, protocol
 
 # A workload id is an opaque name `burrow run` makes up (22 characters);
 # the cap only keeps a hostile agent from making the relay hold a large one.
@@ -49,23 +50,29 @@ class Admission:
         *,
         revoked: Container[str] = frozenset(),
         owns: Callable[[str], bool] = lambda label: True,
+        routes: Mapping[str, RelayTunnel] | None = None,
     ) -> None:
         """``revoked`` holds refused token ids; ``owns`` says whether a label is this
-        process's (a claim for another worker's label is no good here)."""
+        process's (a claim for another worker's label is no good here); ``routes``
+        is the registry's route table, read to see whose a claimed label is now."""
         self.config = config
+        self.domain = names.normalize_domain(config.domain)
+        self.routes: Mapping[str, RelayTunnel] = routes if routes is not None else {}
         self.public_key = public_key
         self.quotas = quotas
         self.claims = claims
         self.revoked = revoked
         self.owns = owns
         self.shutting_down = False
+        # Wall-clock time for tokens; a test sets it to move a token's life on.
+        self.clock: Callable[[], float] = time.time
 
     def check_hello(
         self, hello: protocol.Hello, *, now: float | None = None
     ) -> tokens.TokenGrant | protocol.Error:
         """What the agent's token grants, or why the agent is refused.
 
-        ``now`` is the wall-clock time tokens are checked at (None: the current time).
+        ``now`` is the wall-clock time tokens are checked at (None: ``clock()``).
         """
         if hello.version != protocol.PROTOCOL_VERSION:
             return protocol.Error(
@@ -74,7 +81,13 @@ class Admission:
                 f"{protocol.PROTOCOL_VERSION}, not {hello.version}",
             )
         try:
-            grant = tokens.verify(hello.token, self.public_key, revoked=self.revoked, now=now)
+            grant = tokens.verify(
+                hello.token,
+                self.public_key,
+                revoked=self.revoked,
+                now=self.clock() if now is None else now,
+                relay=self.domain,
+            )
         except tokens.TokenError as exc:
             return protocol.Error(code=protocol.CODE_AUTH, message=str(exc))
         if self.shutting_down:
@@ -88,6 +101,21 @@ class Admission:
             )
         return grant
 
+    def check_session(
+        self, grant: tokens.TokenGrant, *, now: float | None = None
+    ) -> protocol.Error | None:
+        """Why a live session of ``grant`` must end at ``now`` (wall-clock time; None:
+        ``clock()``), or None while its token is still good.
+
+        Asked on every ``open`` and by the relay's periodic sweep, so that a
+        token's expiry holds for the whole life of a session, not only at ``hello``.
+        """
+        refusal = tokens.check_time(grant, now=self.clock() if now is None else now)
+        # Only expiry: "not valid yet" was settled at hello, and time moves on.
+        if refusal is None or refusal.reason != "expired":
+            return None
+        return protocol.Error(code=protocol.CODE_TOKEN_EXPIRED, message=str(refusal))
+
     def check_open(
         self,
         message: protocol.Open,
@@ -95,16 +123,23 @@ class Admission:
         grant: tokens.TokenGrant,
         tunnels: Collection[int],
         now: float,
+        wall: float | None = None,
     ) -> Admitted | protocol.Error:
         """Whether a session holding ``tunnels`` (their ids) may open ``message``.
 
         ``now`` is monotonic time, for the token's creation rate; a new tunnel
         (one without a claim) that passes every check counts against it.
+        ``wall`` is the wall-clock time the token is checked at (None:
+        ``clock()``); an expired token gets ``token-expired``, and the
+        session should end.
         """
 
         def refuse(code: str, text: str) -> protocol.Error:
             return protocol.Error(id=message.id, code=code, message=text)
 
+        ended = self.check_session(grant, now=wall)
+        if ended is not None:
+            return refuse(ended.code, ended.message)
         config = self.config
         if message.id in tunnels:
             return refuse(protocol.CODE_BAD_REQUEST, f"tunnel id {message.id} is already in use")
@@ -117,7 +152,12 @@ class Admission:
         limit = config.max_tunnels_per_token
         if grant.max_tunnels is not None:
             limit = min(limit, grant.max_tunnels)
-        if self.quotas.holds(token) >= limit:
+        claim = None if message.claim is None else self.claims.check(message.claim, token)
+        # A name taken back from the token's own lost session frees that
+        # session's tunnel as it is published again: it is not one more.
+        held = self.routes.get(claim.label) if claim is not None else None
+        reclaimed = held is not None and not held.closed and held.session.grant.token_id == token
+        if self.quotas.holds(token) - reclaimed >= limit:
             return refuse(protocol.CODE_LIMIT, f"this token may hold at most {limit} tunnels")
         if message.claim is None and not self.quotas.may_create(token, now):
             return refuse(
@@ -131,14 +171,11 @@ class Admission:
             allow = allowlist.from_wire(message.allow)  # checked again: agents are not trusted
         except InvalidError as exc:
             return refuse(protocol.CODE_BAD_REQUEST, str(exc))
-        claim = None
-        if message.claim is not None:
-            claim = self.claims.check(message.claim, token)
-            # A label of another worker: the relay now runs another number of workers.
-            if claim is None or not self.owns(claim.label):
-                return refuse(
-                    protocol.CODE_CLAIM, "the claim is not valid for this token on this relay"
-                )
+        # A label of another worker: the relay now runs another number of workers.
+        if message.claim is not None and (claim is None or not self.owns(claim.label)):
+            return refuse(
+                protocol.CODE_CLAIM, "the claim is not valid for this token on this relay"
+            )
         return Admitted(allow=allow, claim=claim)
 
     def check_port(

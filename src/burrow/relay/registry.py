@@ -16,7 +16,7 @@ from typing import Protocol
 
 from burrow.net.channel import Channel
 from burrow.net.splice import Splice
-from burrow.relay.ports import Listener
+from burrow.relay.ports import Listener, TcpPorts
 from burrow.relay.quota import TokenQuotas
 from burrow.tokens import TokenGrant
 from burrow.wire import allowlist, names, protocol
@@ -76,10 +76,18 @@ class Registry:
     """
 
     def __init__(
-        self, domain: str, quotas: TokenQuotas, *, worker_index: int = 0, worker_count: int = 1
+        self,
+        domain: str,
+        quotas: TokenQuotas,
+        *,
+        worker_index: int = 0,
+        worker_count: int = 1,
+        ports: TcpPorts | None = None,
     ) -> None:
+        """``ports`` gets back the TCP port of each raw TCP tunnel unpublished."""
         self.domain = domain
         self.quotas = quotas
+        self.ports = ports
         self.worker_index = worker_index
         self.worker_count = worker_count
         self._sessions: dict[str, SessionHandle] = {}
@@ -210,6 +218,9 @@ class Registry:
                 del self._tunnels[session.id]
         for server in tunnel.tcp_servers:
             server.close()
+        if tunnel.tcp_port is not None and self.ports is not None:
+            # Kept for this token a while: its agent may come back for it with its claim.
+            self.ports.release(tunnel.tcp_port, session.grant.token_id)
         if not keep_connections:
             for splice in list(tunnel.splices):
                 splice.close()

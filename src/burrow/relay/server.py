@@ -43,6 +43,7 @@ from burrow.relay.workers import Worker
 from burrow.wire import allowlist, names, protocol
 from burrow.wire.clienthello import ClientHello
 from burrow.wire.h2 import Inspector as H2Inspector
+from burrow.wire.text import loggable
 
 log = logging.getLogger("burrow.relay")
 
@@ -120,7 +121,14 @@ class Relay:
             config.tunnel_creation_burst,
         )
         index, count = (worker.index, worker.count) if worker else (0, 1)
-        self.registry = Registry(self.domain, quotas, worker_index=index, worker_count=count)
+        # Each worker its own share of the TCP range: a port one worker keeps for
+        # a lost session's token is not another worker's to give away.
+        self.tcp_ports = TcpPorts(
+            [host for host, _ in config.listen], config.tcp_ports, share=(index, count)
+        )
+        self.registry = Registry(
+            self.domain, quotas, worker_index=index, worker_count=count, ports=self.tcp_ports
+        )
         self.claims = ClaimSigner(config.key.read_bytes())
         self.admission = Admission(
             config,
@@ -129,8 +137,8 @@ class Relay:
             self.claims,
             revoked=self.revoked if self.revoked is not None else frozenset(),
             owns=self.registry.owns,
+            routes=self.registry.routes,
         )
-        self.tcp_ports = TcpPorts([host for host, _ in config.listen], config.tcp_ports)
 
     @classmethod
     async def start(
@@ -161,8 +169,7 @@ class Relay:
                 )
         if not self.public_port:
             self.public_port = self.bound_port
-        if self.revoked is not None:
-            self._tasks.spawn(self._watch_revoked_tokens())
+        self._tasks.spawn(self._sweep_sessions())
         if self.worker is not None:
             loop.add_reader(self.worker.inbox.fileno(), self._adopt_handed_off)
         if self.config.plain_data_listen is not None:
@@ -286,9 +293,9 @@ class Relay:
         self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
     ) -> int | None:
         """SNI callback: our own name keeps the agent context; a label gets a visitor one."""
-        if server_name is None:
+        name = names.server_name(server_name)
+        if name is None:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-        name = server_name.lower().rstrip(".")
         ssl_object.burrow_server_name = name  # type: ignore[attr-defined]
         if name == self.domain:
             return None
@@ -307,7 +314,7 @@ class Relay:
         """The TLS handshake is done: a visitor of a tunnel, an agent, or a 404."""
         self._handshaking.pop(stream, None)
         if exc is not None:
-            log.debug("TLS handshake from %s failed: %s", stream.peername, exc)
+            log.debug("TLS handshake from %s failed: %s", stream.peername, loggable(exc))
             return
         stream.pause_reading()
         name = stream.server_name
@@ -411,18 +418,21 @@ class Relay:
         return True
 
     async def open_tcp_port(self, tunnel: RelayTunnel, port: int | None = None) -> None:
-        """Listen for this tunnel on ``port``, or a random free port of the TCP range."""
+        """Listen for this tunnel on ``port`` (its claim's), or on a free port of the TCP
+        range; the registry gives the port back when the tunnel is unpublished."""
         loop = asyncio.get_running_loop()
+        owner = tunnel.session.grant.token_id
 
         async def bind(host: str, candidate: int) -> Listener:
             return await loop.create_server(
                 lambda: self._new_tcp_visitor(tunnel), host, candidate, backlog=LISTEN_BACKLOG
             )
 
-        tunnel.tcp_port, tunnel.tcp_servers = await self.tcp_ports.bind(bind, port)
+        tunnel.tcp_port, tunnel.tcp_servers = await self.tcp_ports.bind(bind, port, owner=owner)
         if tunnel.closed:  # unpublished while its port was being bound
             for server in tunnel.tcp_servers:
                 server.close()
+            self.tcp_ports.release(tunnel.tcp_port, owner)
 
     # -- agents ---------------------------------------------------------------
 
@@ -430,7 +440,7 @@ class Relay:
         try:
             message = await asyncio.wait_for(channel.receive(), FIRST_FRAME_TIMEOUT)
         except (TimeoutError, RemoteProtocolError, ConnectionError) as exc:
-            log.info("agent %s: no valid first frame: %s", channel.stream.peername, exc)
+            log.info("agent %s: no valid first frame: %s", channel.stream.peername, loggable(exc))
             if isinstance(exc, RemoteProtocolError):
                 channel.refuse(protocol.Error(code=protocol.CODE_PROTOCOL, message=str(exc)))
             else:
@@ -451,7 +461,7 @@ class Relay:
         self.check_revoked_tokens()  # a token revoked a moment ago is refused at once
         grant = self.admission.check_hello(hello)
         if isinstance(grant, protocol.Error):
-            log.warning("agent %s refused: %s", stream.peername, grant.message)
+            log.warning("agent %s refused: %s", stream.peername, loggable(grant.message))
             channel.refuse(grant)
             return
         session = RelaySession(self, channel, grant, hello.workload)
@@ -459,9 +469,9 @@ class Relay:
         log.info(
             "session %s for %s from %s (%s)",
             session.id,
-            grant.subject,
+            loggable(grant.subject),
             stream.peername,
-            hello.agent,
+            loggable(hello.agent),
         )
         channel.send(
             protocol.Welcome(
@@ -510,10 +520,26 @@ class Relay:
 
     # -- revoked tokens -------------------------------------------------------
 
-    async def _watch_revoked_tokens(self) -> None:
+    async def _sweep_sessions(self) -> None:
+        """End the sessions whose token was revoked or has expired since their hello."""
         while True:
             await asyncio.sleep(REVOCATION_CHECK_SECONDS)
             self.check_revoked_tokens()
+            self.check_expired_tokens()
+
+    def check_expired_tokens(self) -> None:
+        """End every session whose token has expired (beyond the leeway)."""
+        for session in list(self.registry.sessions.values()):
+            ended = self.admission.check_session(session.grant)
+            if ended is None or session.closed:
+                continue
+            log.warning(
+                "session %s for %s ended: %s",
+                session.id,
+                loggable(session.grant.subject),
+                ended.message,
+            )
+            session.end(ended)
 
     def check_revoked_tokens(self) -> None:
         """Re-read the revoked-tokens file if it changed; end newly revoked tokens' sessions."""
@@ -529,8 +555,8 @@ class Relay:
             log.warning(
                 "session %s for %s ended: token %s was revoked",
                 session.id,
-                session.grant.subject,
-                token_id,
+                loggable(session.grant.subject),
+                loggable(token_id),
             )
             session.end(
                 protocol.Error(code=protocol.CODE_AUTH, message=f"token {token_id} was revoked")

@@ -26,6 +26,7 @@ from burrow.relay.registry import Registry
 from burrow.relay.registry import RelayTunnel as RelayTunnel
 from burrow.tokens import TokenGrant
 from burrow.wire import protocol
+from burrow.wire.text import loggable
 
 log = logging.getLogger("burrow.relay")
 
@@ -116,10 +117,10 @@ class RelaySession:
         except protocol.HeartbeatTimeout as exc:
             log.info("session %s: heartbeat missed: %s", self.id, exc)
         except RemoteProtocolError as exc:
-            log.info("session %s: protocol error: %s", self.id, exc)
+            log.info("session %s: protocol error: %s", self.id, loggable(exc))
             self._send_quietly(protocol.Error(code=protocol.CODE_PROTOCOL, message=str(exc)))
         except ConnectionError as exc:
-            log.info("session %s: %s", self.id, exc)
+            log.info("session %s: %s", self.id, loggable(exc))
         finally:
             self.close()
 
@@ -154,6 +155,14 @@ class RelaySession:
         )
         if isinstance(admitted, protocol.Error):
             self.channel.send(admitted)
+            if admitted.code == protocol.CODE_TOKEN_EXPIRED:
+                log.warning(
+                    "session %s for %s ended: %s",
+                    self.id,
+                    loggable(self.grant.subject),
+                    admitted.message,
+                )
+                self.end(protocol.Error(code=admitted.code, message=admitted.message))
             return
         claim = admitted.claim
         if claim is not None:
@@ -175,10 +184,27 @@ class RelaySession:
             try:
                 await self.relay.open_tcp_port(tunnel, tcp_port)
             except OSError as exc:
-                registry.unpublish(tunnel)
-                code = protocol.CODE_CLAIM if tcp_port else protocol.CODE_TCP_EXHAUSTED
-                self.channel.send(protocol.Error(id=message.id, code=code, message=str(exc)))
-                return
+                if claim is None:
+                    registry.unpublish(tunnel)
+                    self.channel.send(
+                        protocol.Error(
+                            id=message.id, code=protocol.CODE_TCP_EXHAUSTED, message=str(exc)
+                        )
+                    )
+                    return
+                # Only the port cannot come back: the name does, with another port
+                # or none, and `opened` says which.
+                if tcp_port is not None and not tunnel.closed:
+                    with contextlib.suppress(OSError):
+                        await self.relay.open_tcp_port(tunnel)
+                log.warning(
+                    "session %s: %s is back without its TCP port %s (%s); TCP port now %s",
+                    self.id,
+                    tunnel.host,
+                    tcp_port,
+                    exc,
+                    tunnel.tcp_port if tunnel.tcp_port is not None else "none",
+                )
         if self.closed:
             registry.unpublish(tunnel)
             return
@@ -252,4 +278,4 @@ class RelaySession:
             if not waiter.done():
                 waiter.cancel()
         self.channel.close()
-        log.info("session %s (%s) ended", self.id, self.grant.subject)
+        log.info("session %s (%s) ended", self.id, loggable(self.grant.subject))

@@ -74,6 +74,22 @@ def _fold(name: str) -> str | None:
     return name[:-1] if name.endswith(".") else name
 
 
+def server_name(name: str | None) -> str | None:
+    """The one normal form of a TLS server name: lowercase, without its one trailing dot.
+
+    None when ``name`` is not a name at all: not ASCII, empty, or with an
+    empty label (``a..b``, or two trailing dots). Every path of the relay that
+    routes by name (the SNI callback, the hand-off between workers, the
+    tunnel lookup) compares this form, so none can disagree with another.
+    """
+    if name is None:
+        return None
+    folded = _fold(name)
+    if not folded or "" in folded.split("."):
+        return None
+    return folded
+
+
 def _is_dns_label(text: str) -> bool:
     return _DNS_LABEL_RE.fullmatch(text) is not None
 
@@ -116,16 +132,15 @@ def normalize_domain(domain: str) -> str:
     return folded
 
 
-def label_of(server_name: str | None, domain: str) -> str | None:
-    """The first label of ``server_name`` when it is exactly ``<one label>.<domain>``.
+def label_of(sni: str | None, domain: str) -> str | None:
+    """The first label of the server name ``sni`` when it is exactly ``<one label>.<domain>``.
 
-    Used to route a visitor by the TLS server name it sent. Any single DNS
-    label is returned, not only ones :func:`new_label` could make: an
-    unknown label is for the routing table to miss, not for this to judge.
+    Used to route a visitor by the TLS server name it sent, in its normal
+    form (:func:`server_name`). Any single DNS label is returned, not only
+    ones :func:`new_label` could make: an unknown label is for the routing
+    table to miss, not for this to judge.
     """
-    if server_name is None:
-        return None
-    name = _fold(server_name)
+    name = server_name(sni)
     folded_domain = _fold(domain)
     if name is None or folded_domain is None:
         return None

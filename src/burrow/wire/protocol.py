@@ -42,6 +42,7 @@ CODE_BAD_ATTACH: Final = "bad-attach"
 CODE_SHUTTING_DOWN: Final = "shutting-down"
 CODE_CLAIM: Final = "claim"
 CODE_PORT_FORWARDED: Final = "port-forwarded"
+CODE_TOKEN_EXPIRED: Final = "token-expired"
 
 
 class _Message:
