@@ -116,6 +116,28 @@ def window_update(increment: int) -> bytes:
     return out
 
 
+# The frame size every HTTP/2 peer accepts (RFC 9113 §4.2): re-encoded header
+# blocks are cut into frames of this size, whatever the server allows.
+MIN_MAX_FRAME_SIZE: Final = 16_384
+
+
+def _header_frames(stream_id: int, block: bytes, *, end_stream: bool, priority: bytes) -> bytes:
+    """A header block as HEADERS (with ``priority`` fields, if any) and CONTINUATION frames."""
+    first = MIN_MAX_FRAME_SIZE - len(priority)
+    chunks = [block[:first]] + [
+        block[at : at + MIN_MAX_FRAME_SIZE] for at in range(first, len(block), MIN_MAX_FRAME_SIZE)
+    ]
+    flags = (FLAG_END_STREAM if end_stream else 0) | (FLAG_PRIORITY if priority else 0)
+    out = b""
+    for index, chunk in enumerate(chunks):
+        last = FLAG_END_HEADERS if index == len(chunks) - 1 else 0
+        if index == 0:
+            out += frame(HEADERS, flags | last, stream_id, priority + chunk)
+        else:
+            out += frame(CONTINUATION, last, stream_id, chunk)
+    return out
+
+
 def fold_host(value: str) -> str:
     """Lowercase, without one trailing dot: how the relay compares server names."""
     value = value.lower()
@@ -128,6 +150,7 @@ class _Block:
 
     stream_id: int
     end_stream: bool
+    priority: bytes = b""  # the HEADERS frame's priority fields, if it had them
     raw: bytearray = field(default_factory=bytearray)  # the frames, as received
     fragment: bytearray = field(default_factory=bytearray)  # the HPACK bytes
 
@@ -144,6 +167,9 @@ class Inspector:
         self.ports = ports
         self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST_SIZE)
         self._decoder.max_allowed_table_size = 4096  # RFC 9113 §6.5.2 default
+        # Set once a dropped block has put the server's HPACK table out of step
+        # with the client's (see _dropped_block).
+        self._encoder: hpack.Encoder | None = None
         self.refused: set[int] = set()
         self.refusals = 0
         # visitor -> server
@@ -225,7 +251,7 @@ class Inspector:
             pos += FRAME_HEADER_SIZE
             self._pass_left, self._pass_forward = length, forward
         del buf[:pos]
-        return out
+        return memoryview(out)
 
     def _header_frame(
         self,
@@ -263,7 +289,8 @@ class Inspector:
                 start += 5
             if stop < start:
                 raise H2Error("HEADERS padding longer than its payload")
-            block = self._block = _Block(stream_id, bool(flags & FLAG_END_STREAM))
+            priority = payload[start - 5 : start] if flags & FLAG_PRIORITY else b""
+            block = self._block = _Block(stream_id, bool(flags & FLAG_END_STREAM), priority)
             block.fragment += payload[start:stop]
         else:
             assert block is not None
@@ -276,13 +303,22 @@ class Inspector:
 
     def _judge(self, block: _Block, out: bytearray) -> None:
         """A whole header block: decode it (always, to keep HPACK in step), then decide."""
+        table = self._decoder.header_table
+        entries, size, first = len(table.dynamic_entries), table.maxsize, self._first_entry()
         try:
             headers = self._decoder.decode(bytes(block.fragment), raw=True)
         except hpack.HPACKError as exc:
             raise H2Error(f"bad header block: {exc}") from exc
+        changed = (
+            len(table.dynamic_entries) != entries
+            or table.maxsize != size
+            or self._first_entry() is not first
+        )
         stream_id = block.stream_id
         if stream_id in self.refused:
-            return  # trailers of a refused request: dropped with it
+            # Trailers of a refused request: dropped with it.
+            self._dropped_block(changed)
+            return
         authorities = [
             bytes(value) for name, value in headers if bytes(name) in (b":authority", b"host")
         ]
@@ -291,12 +327,42 @@ class Inspector:
             self._last_stream = stream_id
             if not authorities or not ours:
                 self._refuse(stream_id, reset=not block.end_stream)
+                self._dropped_block(changed)
                 return
         elif not ours:
             # A second header block (trailers) naming another host: no request
             # can carry that, and the stream's answer may be under way already.
             raise H2Error("a header block naming another host on an open stream")
-        out += block.raw
+        if self._encoder is None:
+            out += block.raw  # the server's table is the client's: bytes as they came
+            return
+        if table.maxsize != size:
+            self._encoder.header_table_size = table.maxsize  # pass the client's resize on
+        fields = [hpack.NeverIndexedHeaderTuple(bytes(n), bytes(v)) for n, v in headers]
+        out += _header_frames(
+            stream_id,
+            self._encoder.encode(fields, huffman=False),
+            end_stream=block.end_stream,
+            priority=block.priority,
+        )
+
+    def _first_entry(self) -> object:
+        entries = self._decoder.header_table.dynamic_entries
+        return entries[0] if entries else None
+
+    def _dropped_block(self, changed_table: bool) -> None:
+        """A header block the server will not see: if it changed HPACK state, re-encode.
+
+        The client's encoder and the server's decoder share one dynamic table,
+        kept in step by the blocks both see in order. A dropped block that
+        added entries (a coalesced request's ``:authority`` and cookies always
+        do) leaves the server's table behind the client's, and the client's
+        later blocks would decode to other headers at the server than the ones
+        judged here. From then on every forwarded block is re-encoded from what
+        was decoded, as literals that never use or change the server's table.
+        """
+        if changed_table and self._encoder is None:
+            self._encoder = hpack.Encoder()
 
     def _is_ours(self, value: bytes) -> bool:
         try:
@@ -328,9 +394,7 @@ class Inspector:
         return self._take_replies()
 
     def _at_boundary(self) -> bool:
-        return (
-            self._s_started and not self._s_left and not self._s_head and not self._s_in_block
-        )
+        return self._s_started and not self._s_left and not self._s_head and not self._s_in_block
 
     def _take_replies(self) -> bytes:
         out = window_update(self._window) + bytes(self._replies)
