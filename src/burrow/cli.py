@@ -10,9 +10,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -24,6 +25,8 @@ from burrow.relay.config import (
     DRAIN_TIMEOUT,
     HANDSHAKE_TIMEOUT,
     HEARTBEAT_INTERVAL,
+    MAX_PENDING_HANDSHAKES,
+    MAX_PENDING_HANDSHAKES_PER_SOURCE,
     MAX_TUNNELS_PER_TOKEN,
     TUNNEL_CREATION_BURST,
     TUNNEL_CREATIONS_PER_SECOND,
@@ -110,6 +113,40 @@ _drain_option = click.option(
     show_default=True,
     help="Seconds connections in flight may go on after SIGTERM.",
 )
+
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+
+
+def _handshake_options(command: _Command) -> _Command:
+    """The limits of unfinished TLS handshakes: what one silent socket may cost."""
+    for option in (
+        click.option(
+            "--max-pending-handshakes-per-source",
+            type=click.IntRange(1),
+            default=MAX_PENDING_HANDSHAKES_PER_SOURCE,
+            show_default=True,
+            help="Unfinished TLS handshakes kept per source address (IPv6: per /64); "
+            "past it that source's oldest is dropped.",
+        ),
+        click.option(
+            "--max-pending-handshakes",
+            type=click.IntRange(1),
+            default=MAX_PENDING_HANDSHAKES,
+            show_default=True,
+            help="Unfinished TLS handshakes kept in all; past it the oldest is dropped.",
+        ),
+        click.option(
+            "--handshake-timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            default=HANDSHAKE_TIMEOUT,
+            show_default=True,
+            help="Seconds a TLS handshake may take.",
+        ),
+    ):
+        command = option(command)
+    return command
+
+
 _max_tunnels_option = click.option(
     "--max-tunnels-per-token",
     type=click.IntRange(1),
@@ -201,13 +238,7 @@ main.add_command(launch)  # burrow launch jupyter|shell: src/burrow/launch/
     help="Also take data connections WITHOUT TLS here. Trusted networks only: "
     "visitor bytes and session keys cross it in the clear.",
 )
-@click.option(
-    "--handshake-timeout",
-    type=float,
-    default=HANDSHAKE_TIMEOUT,
-    show_default=True,
-    help="Seconds a TLS handshake may take.",
-)
+@_handshake_options
 @_heartbeat_option
 @_drain_option
 @_max_tunnels_option
@@ -226,6 +257,8 @@ def relay(
     tcp_host: str | None,
     plain_data_listen: str | None,
     handshake_timeout: float,
+    max_pending_handshakes: int,
+    max_pending_handshakes_per_source: int,
     heartbeat: int,
     drain_timeout: float,
     max_tunnels_per_token: int,
@@ -250,6 +283,8 @@ def relay(
                 names.parse_address(plain_data_listen, 0) if plain_data_listen else None
             ),
             handshake_timeout=handshake_timeout,
+            max_pending_handshakes=max_pending_handshakes,
+            max_pending_handshakes_per_source=max_pending_handshakes_per_source,
             heartbeat=heartbeat,
             drain_timeout=drain_timeout,
             max_tunnels_per_token=max_tunnels_per_token,
@@ -290,6 +325,7 @@ def relay(
     is_flag=True,
     help="Let agents use plaintext data connections on loopback (faster; same host only).",
 )
+@_handshake_options
 @_heartbeat_option
 @_drain_option
 @_max_tunnels_option
@@ -302,6 +338,9 @@ def dev_command(
     state_dir: Path | None,
     tcp_ports: tuple[int, int],
     plain_data: bool,
+    handshake_timeout: float,
+    max_pending_handshakes: int,
+    max_pending_handshakes_per_source: int,
     heartbeat: int,
     drain_timeout: float,
     max_tunnels_per_token: int,
@@ -318,6 +357,9 @@ def dev_command(
             prepared,
             config=dataclasses.replace(
                 prepared.config,
+                handshake_timeout=handshake_timeout,
+                max_pending_handshakes=max_pending_handshakes,
+                max_pending_handshakes_per_source=max_pending_handshakes_per_source,
                 heartbeat=heartbeat,
                 drain_timeout=drain_timeout,
                 max_tunnels_per_token=max_tunnels_per_token,

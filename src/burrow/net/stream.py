@@ -124,6 +124,9 @@ class _Gone(BaseReceiver):
 
 _GONE: Final = _Gone()
 
+# What a TlsStream's BIOs are before it has TLS state: always empty (never written).
+_NO_BIO: Final = ssl.MemoryBIO()
+
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
@@ -288,6 +291,12 @@ class Stream(asyncio.BufferedProtocol):
             data = data[sent:]
         transport.write(data if type(data) is bytes else bytes(data))
 
+    @property
+    def unsent(self) -> int:
+        """Bytes written but not yet taken by the kernel (asyncio's write buffer)."""
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
     def write_eof(self) -> None:
         if self.transport is None or self.closed or self.eof_sent:
             return
@@ -418,14 +427,18 @@ class TlsStream(Stream):
         plain_reply: bytes | None = None,
         on_client_hello: HelloCallback | None = None,
         prelude: bytes = b"",
+        on_connected: Callable[[Stream], None] | None = None,
     ) -> None:
-        """``prelude``: bytes another process already read from this connection."""
-        super().__init__()
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self.ssl_object = context.wrap_bio(
-            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
-        )
+        """``prelude``: bytes another process already read from this connection;
+        ``on_connected``: told when the transport is there (the peer's address known)."""
+        super().__init__(on_connected)
+        self._context = context
+        self._server_side = server_side
+        self._server_hostname = server_hostname
+        # The TLS state (SSLObject, BIOs, OpenSSL's buffers: some 40 KiB) is
+        # made only when there is TLS to do, so a silent socket costs little.
+        self._ssl: ssl.SSLObject | None = None
+        self._incoming = self._outgoing = _NO_BIO
         self._on_handshake: HandshakeCallback | None = on_handshake
         self._handshake_timeout = handshake_timeout
         self._timer: asyncio.TimerHandle | None = None
@@ -441,12 +454,29 @@ class TlsStream(Stream):
 
     # -- handshake --------------------------------------------------------
 
+    @property
+    def ssl_object(self) -> ssl.SSLObject:
+        """The TLS connection; a server's is made when the peer's first bytes arrive."""
+        return self._ssl if self._ssl is not None else self._start_tls()
+
+    def _start_tls(self) -> ssl.SSLObject:
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._ssl = self._context.wrap_bio(
+            self._incoming,
+            self._outgoing,
+            server_side=self._server_side,
+            server_hostname=self._server_hostname,
+        )
+        return self._ssl
+
     def _on_connected(self) -> None:
         self._plain_buffer = _buffers.plain  # this loop's thread's buffer
         if self._handshake_timeout is not None:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self._handshake_timeout, self._handshake_expired)
-        self._step_handshake()
+        super()._on_connected()
+        if not self._server_side:
+            self._step_handshake()  # a client speaks first; a server waits for its hello
         if self._prelude:
             prelude, self._prelude = self._prelude, b""
             self.data_received(prelude)
@@ -505,6 +535,8 @@ class TlsStream(Stream):
             if not self._read_hello(data):
                 return
             data, self._hello = bytes(self._hello), bytearray()
+        if self._ssl is None:
+            self._start_tls()
         self._incoming.write(data)
         if not self.handshake_done:
             if self._on_handshake is not None:
@@ -618,12 +650,12 @@ class TlsStream(Stream):
     @property
     def server_name(self) -> str | None:
         """The SNI the peer sent, as recorded by the server's SNI callback."""
-        name = getattr(self.ssl_object, "burrow_server_name", None)
+        name = getattr(self._ssl, "burrow_server_name", None)
         return name if isinstance(name, str) else None
 
     @property
     def alpn(self) -> str | None:
-        return self.ssl_object.selected_alpn_protocol()
+        return self._ssl.selected_alpn_protocol() if self._ssl is not None else None
 
     def write(self, data: Chunk) -> None:
         if self.transport is None or self.closed or self.eof_sent or not self.handshake_done:

@@ -46,11 +46,22 @@ TUNNEL_CREATION_BURST: Final = 200
 # out of file descriptors for everyone else.
 MAX_CONNECTIONS_PER_TUNNEL: Final = 10_000
 
-# TLS handshakes not yet finished, across the relay. Each holds a socket and
-# a little memory until HANDSHAKE_TIMEOUT; past this many, the oldest is
-# dropped to make room, so idle sockets opened by an attacker cannot keep
-# visitors and agents out (they are evicted first).
-MAX_PENDING_HANDSHAKES: Final = 20_000
+# TLS handshakes not yet finished, across the relay. Each holds a socket
+# until HANDSHAKE_TIMEOUT, and memory: about 4 KiB while the peer has sent
+# nothing (TLS state is made only when a ClientHello arrives), about 50 KiB
+# once it has (OpenSSL's state mid-handshake; measured, see docs/security.md).
+# Past this many the oldest is dropped to make room, so idle sockets opened
+# by an attacker cannot keep visitors and agents out (they are evicted
+# first), and a full cap of the dearer kind stays within
+# HANDSHAKE_MEMORY_BUDGET: 8,192 x 50 KiB = 400 MiB.
+HANDSHAKE_MEMORY_BUDGET: Final = 512 * 1024 * 1024
+MAX_PENDING_HANDSHAKES: Final = 8192
+
+# Unfinished handshakes from one source address (an IPv6 /64); past it that
+# source's own oldest is dropped, so one address cannot fill the relay's cap.
+# A NAT's many users finish their handshakes in a few round trips; 256 at
+# once from one address is far beyond what they have in flight.
+MAX_PENDING_HANDSHAKES_PER_SOURCE: Final = 256
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,10 @@ class RelayConfig:
 
     max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
     """Unfinished TLS handshakes kept; past it the oldest is dropped."""
+
+    max_pending_handshakes_per_source: int = MAX_PENDING_HANDSHAKES_PER_SOURCE
+    """Unfinished TLS handshakes kept per source address (IPv6: per /64); past it
+    that source's oldest is dropped."""
 
     revoked_tokens: Path | None = None
     """Text file of revoked token ids (the JWT ``jti``), one a line, ``#`` comments;

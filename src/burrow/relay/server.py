@@ -34,6 +34,7 @@ from burrow.net.tasks import TaskSet
 from burrow.relay.admission import Admission
 from burrow.relay.claims import ClaimSigner
 from burrow.relay.config import POOL_WAIT_SECONDS, RelayConfig
+from burrow.relay.handshakes import Handshakes
 from burrow.relay.ports import Listener, TcpPorts
 from burrow.relay.quota import TokenQuotas
 from burrow.relay.registry import Registry, RelayTunnel
@@ -106,7 +107,9 @@ class Relay:
         self._servers: list[asyncio.Server] = []
         self._tasks = TaskSet()
         # Unfinished handshakes, oldest first (dicts keep insertion order).
-        self._handshaking: dict[TlsStream, None] = {}
+        self._handshaking: Handshakes[TlsStream] = Handshakes(
+            config.max_pending_handshakes, config.max_pending_handshakes_per_source
+        )
 
         self._agent_context = tls.server_context(
             config.cert, config.key, [protocol.ALPN_CONTROL, protocol.ALPN_DATA]
@@ -272,11 +275,6 @@ class Relay:
 
     def _new_public_stream(self, prelude: bytes = b"") -> TlsStream:
         routing = self.worker is not None and self.worker.count > 1 and not prelude
-        while len(self._handshaking) >= self.config.max_pending_handshakes:
-            oldest = next(iter(self._handshaking))
-            del self._handshaking[oldest]
-            log.debug("dropping the oldest unfinished TLS handshake, from %s", oldest.peername)
-            oldest.abort()
         stream = TlsStream(
             self._agent_context,
             server_side=True,
@@ -285,9 +283,22 @@ class Relay:
             plain_reply=PLAIN_HTTP_REPLY,
             on_client_hello=self._route if routing else None,
             prelude=prelude,
+            on_connected=self._placed,
         )
-        self._handshaking[stream] = None
+        self._drop_handshakes(self._handshaking.add(stream))
         return stream
+
+    def _placed(self, stream: Stream) -> None:
+        """A public connection's address is known: past its source's cap, its oldest goes."""
+        assert isinstance(stream, TlsStream)
+        peer = stream.transport.get_extra_info("peername") if stream.transport else None
+        if peer:
+            self._drop_handshakes(self._handshaking.place(stream, str(peer[0])))
+
+    def _drop_handshakes(self, dropped: list[TlsStream]) -> None:
+        for oldest in dropped:
+            log.debug("dropping the oldest unfinished TLS handshake, from %s", oldest.peername)
+            oldest.abort()
 
     def _pick_context(
         self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
@@ -312,7 +323,7 @@ class Relay:
 
     def _on_handshake(self, stream: TlsStream, exc: BaseException | None) -> None:
         """The TLS handshake is done: a visitor of a tunnel, an agent, or a 404."""
-        self._handshaking.pop(stream, None)
+        self._handshaking.discard(stream)
         if exc is not None:
             log.debug("TLS handshake from %s failed: %s", stream.peername, loggable(exc))
             return
@@ -573,7 +584,7 @@ class Relay:
         owner = names.worker_of(label, worker.count)
         if owner == worker.index or not stream.can_detach():
             return False
-        self._handshaking.pop(stream, None)
+        self._handshaking.discard(stream)
         worker.hand_off(owner, stream.hand_off(), prelude)
         return True
 
