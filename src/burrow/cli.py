@@ -518,7 +518,16 @@ def token_keygen(out: Path) -> None:
     "--ttl", default="30d", show_default=True, help="Lifetime: 90s, 15m, 12h, 30d, 1w, or 'never'."
 )
 @click.option("--max-tunnels", type=int, default=None, help="Tunnels the token may hold at once.")
-def token_mint(key: Path, subject: str, ttl: str, max_tunnels: int | None) -> None:
+@click.option(
+    "--relay",
+    "relays",
+    multiple=True,
+    metavar="DOMAIN",
+    help="A relay (its domain) that accepts the token; repeat for more. Default: every relay.",
+)
+def token_mint(
+    key: Path, subject: str, ttl: str, max_tunnels: int | None, relays: tuple[str, ...]
+) -> None:
     """Print a new agent token (the value of BURROW_TOKEN)."""
     try:
         signing_key = tokens.read_signing_key(key)
@@ -528,6 +537,7 @@ def token_mint(key: Path, subject: str, ttl: str, max_tunnels: int | None) -> No
                 subject=subject,
                 ttl_seconds=tokens.parse_duration(ttl),
                 max_tunnels=max_tunnels,
+                relays=relays or None,
             )
         )
     except Error as exc:

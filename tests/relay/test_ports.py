@@ -140,8 +140,10 @@ async def test_a_freed_port_is_kept_for_its_token_during_the_grace_period() -> N
     assert (await ports.bind(host.bind, owner="bob"))[0] == 21001
     with pytest.raises(OSError, match=r"kept for 600s for the tunnel that had it"):
         await ports.bind(host.bind, owner="carol")
-    with pytest.raises(OSError, match=r"^TCP port 21000 is not free: kept for the tunnel"):
+    with pytest.raises(OSError, match=r"^TCP port 21000 is not free: kept for its last token$"):
         await ports.bind(host.bind, 21000, owner="bob")
+    with pytest.raises(OSError, match=r"^TCP port 21001 is not free: another tunnel has it$"):
+        await ports.bind(host.bind, 21001, owner="bob")
     clock.now += PORT_GRACE_SECONDS - 1
     # Its token takes it back with its claim.
     assert (await ports.bind(host.bind, 21000, owner="alice"))[0] == 21000

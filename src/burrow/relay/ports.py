@@ -153,7 +153,8 @@ class TcpPorts:
             return candidate, listeners
         if port:
             if last_error is None:
-                raise OSError(f"TCP port {port} is not free: kept for the tunnel that had it")
+                why = "another tunnel has it" if port in self._in_use else "kept for its last token"
+                raise OSError(f"TCP port {port} is not free: {why}")
             raise OSError(f"TCP port {port} is not free: {last_error}")
         if last_error is None:
             raise OSError(
