@@ -22,6 +22,7 @@ from typing import Final, Protocol
 
 from burrow.exception import RemoteProtocolError
 from burrow.net.stream import LINGER_RESET, Chunk, Stream
+from burrow.wire.text import loggable
 
 log = logging.getLogger(__name__)
 
@@ -451,7 +452,8 @@ class InspectedSplice(Splice):
                 self.a.write(self.inspector.to_visitor(data))
         except RemoteProtocolError as exc:
             side = "visitor" if stream is self.a else "server"
-            log.info("closing %s: its %s broke the protocol: %s", self.a.peername, side, exc)
+            why = loggable(exc)  # the visitor's or the server's own words
+            log.info("closing %s: its %s broke the protocol: %s", self.a.peername, side, why)
             self._finish(abort=False)
 
 
