@@ -31,6 +31,7 @@ WIRE_MODULES = (
     "burrow.wire.clienthello",
     "burrow.wire.names",
     "burrow.wire.allowlist",
+    "burrow.wire.text",
 )
 
 # layer -> the parts of burrow it must not import (a part is a module or a package).
