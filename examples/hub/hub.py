@@ -16,6 +16,7 @@ import http.server
 import importlib.util
 import os
 import secrets
+import shutil
 import socket
 import sys
 import threading
@@ -99,6 +100,9 @@ class Hub:
     def start(self, user: str) -> Notebook:
         workdir = DATA / user
         workdir.mkdir(parents=True, exist_ok=True)
+        if os.getuid() == 0:
+            # A sandbox started by root runs as nobody, who must own its workdir.
+            shutil.chown(workdir, "nobody")
         port, token = free_port(), secrets.token_urlsafe(24)
         sb = burrow.Sandbox.create(
             sys.executable, "-m", "jupyter", self.app,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -48,6 +51,14 @@ def _curl(relay: RelayHarness, url: str, *args: str) -> subprocess.CompletedProc
     )
 
 
+def _for_the_sandbox(path: Path) -> Path:
+    """``path``, given to the user a sandbox runs as (nobody, when these tests run as root)."""
+    if os.getuid() == 0:
+        user = isolation.Host.here().sandbox_user
+        os.chown(path, user.uid, user.gid)
+    return path
+
+
 def _level_or_skip(level: IsolationLevel) -> None:
     why = isolation.why_not(level)
     if why is not None:
@@ -62,9 +73,7 @@ def outside() -> Iterator[Path]:
     try:
         yield path
     finally:
-        for child in path.iterdir():
-            child.unlink()
-        path.rmdir()
+        shutil.rmtree(path)
 
 
 # -- publishing -----------------------------------------------------------------
@@ -77,7 +86,7 @@ def test_ports_are_published_while_the_sandbox_lives(relay: RelayHarness, tmp_pa
         *_serve(web),
         encrypted_ports=[web],
         unencrypted_ports=[raw],
-        workdir=tmp_path,
+        workdir=_for_the_sandbox(tmp_path),
         client=relay.client(),
     )
     try:
@@ -258,11 +267,18 @@ def test_isolation_levels(
     monkeypatch.setenv("PARENT_SECRET", "hunter2")
     host_tmp_marker = tmp_path / "host-only"
     host_tmp_marker.write_text("x")
-    workdir = tmp_path / "work"
+    python, workdir = PY, tmp_path / "work"
+    if os.getuid() == 0 and level is not IsolationLevel.BWRAP:
+        # Root's sandbox runs as nobody; without bubblewrap's binds, root's
+        # Python (under /root) and pytest's temporary directories are out of its reach.
+        python, workdir = "/usr/bin/python3", outside / "work"
+        if not os.path.exists(python):
+            pytest.skip(f"{python} is not installed")
     workdir.mkdir()
+    _for_the_sandbox(workdir)
     in_tmp = Path("/tmp") / f"burrow-sandbox-test-{secrets.token_hex(4)}"
     sb = burrow.Sandbox.create(
-        PY, "-c", _SHOW, str(outside / "escaped.txt"), str(host_tmp_marker), str(in_tmp),
+        python, "-c", _SHOW, str(outside / "escaped.txt"), str(host_tmp_marker), str(in_tmp),
         workdir=workdir,
         env={"GREETING": "hi"},
         isolation=level.value,
@@ -300,9 +316,79 @@ def test_isolation_levels(
     assert not seen["sees_root_home"]
     assert seen["hostname"] == sb.object_id
     assert sb.isolation.read_only_root and "/tmp" in sb.isolation.private_dirs
-    if os.getuid() == 0:
-        assert seen["uid"] == isolation.SANDBOX_ID_FOR_ROOT
+    assert seen["uid"] == sb.isolation.uid != 0
     assert str(sb.isolation).startswith("bwrap (")
+
+
+_PROBE = """
+import json, os, socket, sys
+def read(path):
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+        return "read"
+    except OSError as exc:
+        return type(exc).__name__
+with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    sock.connect("\\0" + sys.argv[2])
+    sock.recv(1)
+print(json.dumps({"uid": os.getuid(), "secret": read(sys.argv[1]), "shadow": read("/etc/shadow")}))
+"""
+
+
+def _peer_uids(name: str) -> tuple[threading.Thread, list[int]]:
+    """A host abstract Unix socket ``name``: the uid of the one peer that connects (SO_PEERCRED)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind("\0" + name)
+    server.listen(1)
+    server.settimeout(60)
+    uids: list[int] = []
+
+    def accept() -> None:
+        with server, contextlib.suppress(TimeoutError):
+            conn, _ = server.accept()
+            with conn:
+                creds = conn.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+                )
+                uids.append(struct.unpack("3i", creds)[1])
+                conn.sendall(b"!")
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    return thread, uids
+
+
+@pytest.mark.parametrize("level", list(IsolationLevel))
+def test_a_sandbox_started_by_root_is_not_root_on_the_host(
+    level: IsolationLevel, relay: RelayHarness, outside: Path
+) -> None:
+    if os.getuid() != 0:
+        pytest.skip("what a sandbox started by root may do needs root to check")
+    _level_or_skip(level)
+    secret = outside / "root-only"
+    secret.write_text("root's secret\n")
+    secret.chmod(0o600)
+    name = f"burrow-test-{secrets.token_hex(6)}"
+    accepting, peer_uids = _peer_uids(name)
+    # Without bubblewrap's binds the command runs from the machine's own file
+    # system, where root's Python (under /root) is out of an unprivileged user's reach.
+    python = PY if level is IsolationLevel.BWRAP else "/usr/bin/python3"
+    if not os.path.exists(python):
+        pytest.skip(f"{python} is not installed")
+    sb = burrow.Sandbox.create(
+        python, "-c", _PROBE, str(secret), name, isolation=level.value, client=relay.client()
+    )
+    sb.wait()
+    assert sb.returncode == 0, sb.stderr.read()
+    seen = json.loads(sb.stdout.read())
+    accepting.join(timeout=60)
+    # The host's kernel sees an unprivileged user, not root in disguise.
+    assert peer_uids and peer_uids[0] != 0
+    assert seen["secret"] == "PermissionError"
+    assert seen["shadow"] == "PermissionError"
+    assert sb.isolation.uid == peer_uids[0] == isolation.Host.here().sandbox_user.uid
+    assert f"as {sb.isolation.user}, uid {sb.isolation.uid}" in str(sb.isolation)
 
 
 def test_terminate_kills_every_process_of_the_sandbox(relay: RelayHarness, tmp_path: Path) -> None:
@@ -455,6 +541,7 @@ def test_cli_prints_urls_passes_output_and_ends_on_ctrl_c(tmp_path: Path) -> Non
     web, raw = free_port(), free_port()
     workdir = tmp_path / "work"
     workdir.mkdir()
+    _for_the_sandbox(workdir)
     (workdir / "index.html").write_text("cli sandbox page")
     with dev_relay(tmp_path / "relay") as relay:
         proc = subprocess.Popen(

@@ -3,23 +3,35 @@ built from a :class:`Host` of our making, so nothing runs."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from burrow.sandbox.isolation import (
     HIDDEN_DIRS,
-    SANDBOX_ID_FOR_ROOT,
     Host,
     IsolationLevel,
+    User,
     command_argv,
     hiding,
     shown_dirs,
     under,
+    unreachable,
 )
 
-USER = Host(uid=1000, dirs=frozenset(HIDDEN_DIRS), setpriv=True)
-ROOT = Host(uid=0, dirs=frozenset(HIDDEN_DIRS), setpriv=True)
+USER = Host(uid=1000, dirs=frozenset(HIDDEN_DIRS), setpriv=True, user="alice")
+NOBODY = User("nobody", 65534, 65534)
+ROOT = Host(uid=0, dirs=frozenset(HIDDEN_DIRS), setpriv=True, sandbox_user=NOBODY, user="root")
 COMMAND = ["/usr/bin/python3", "-m", "http.server"]
 SETPRIV = ["setpriv", "--no-new-privs", "--pdeathsig", "KILL", "--"]
+AS_NOBODY = [
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+]
 
 
 def _argv(
@@ -73,11 +85,44 @@ def test_bwrap_hides_only_the_directories_that_exist() -> None:
     assert "user" in isolation.namespaces and "pid" in isolation.namespaces
 
 
-def test_bwrap_as_root_runs_the_sandbox_as_nobody() -> None:
-    argv = _argv(IsolationLevel.BWRAP, ROOT)
-    assert _pairs(argv, "--uid") == [str(SANDBOX_ID_FOR_ROOT)]
-    assert _pairs(argv, "--gid") == [str(SANDBOX_ID_FOR_ROOT)]
-    assert "--uid" not in _argv(IsolationLevel.BWRAP, USER)
+def test_bwrap_as_root_runs_the_command_as_nobody_on_the_host() -> None:
+    # Not a user namespace mapping an id to root: the host's kernel would still see root.
+    argv, isolation = command_argv(
+        IsolationLevel.BWRAP, ROOT, COMMAND, hostname="sb-x", workdir="/w"
+    )
+    assert "--unshare-user" not in argv and "--uid" not in argv
+    assert argv[argv.index("--") + 1 :] == ["setpriv", *AS_NOBODY, "--no-new-privs", "--", *COMMAND]
+    assert "user" not in isolation.namespaces
+    assert (isolation.user, isolation.uid) == ("nobody", 65534)
+    assert str(isolation).startswith("bwrap (as nobody, uid 65534; ")
+    # A user's own sandbox keeps its user namespace, and its user.
+    argv, isolation = command_argv(
+        IsolationLevel.BWRAP, USER, COMMAND, hostname="sb-x", workdir="/w"
+    )
+    assert "--unshare-user" in argv and "setpriv" not in argv
+    assert (isolation.user, isolation.uid) == ("alice", 1000)
+
+
+@pytest.mark.parametrize("level", [IsolationLevel.UNSHARE, IsolationLevel.NONE])
+def test_without_bwrap_root_runs_the_command_as_nobody_too(level: IsolationLevel) -> None:
+    argv, isolation = command_argv(level, ROOT, COMMAND, hostname="sb-x", workdir="/w")
+    start = argv.index("setpriv")
+    assert argv[start:] == ["setpriv", *AS_NOBODY, *SETPRIV[1:], *COMMAND]
+    assert (isolation.user, isolation.uid) == ("nobody", 65534)
+
+
+def test_what_the_sandbox_user_cannot_reach(tmp_path: Path) -> None:
+    me = User("me", os.getuid(), os.getgid())
+    other = User("other", 54321, 54321)
+    private = tmp_path / "private"
+    (private / "inner").mkdir(parents=True)
+    private.chmod(0o700)
+    inner = str(private / "inner")
+    assert unreachable(inner, me, os.R_OK | os.X_OK) is None
+    # Inside a directory bubblewrap hides (here: all), it makes the parents of what it shows.
+    assert unreachable(inner, other, os.X_OK, hidden=["/"], visible=[str(private)]) == str(private)
+    assert unreachable(inner, other, os.X_OK, hidden=["/"], visible=[inner]) is None
+    assert unreachable(str(tmp_path / "missing"), me, os.X_OK) == str(tmp_path / "missing")
 
 
 def test_bwrap_binds_shown_dirs_and_the_ca_read_only() -> None:
@@ -132,7 +177,7 @@ def test_none_is_the_command_with_its_lifetime_bound_to_ours() -> None:
     )
     assert argv == [*SETPRIV, *COMMAND]
     assert isolation.namespaces == ()
-    assert str(isolation) == "none (namespaces: none; network shared)"
+    assert str(isolation) == "none (as alice, uid 1000; namespaces: none; network shared)"
 
 
 def test_without_setpriv_the_command_runs_as_is() -> None:

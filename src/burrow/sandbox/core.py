@@ -48,6 +48,7 @@ from burrow.sandbox.isolation import (
     command_argv,
     hiding,
     shown_dirs,
+    unreachable,
 )
 from burrow.sandbox.streams import (
     SandboxStream,
@@ -277,6 +278,7 @@ class Sandbox:
         self.stderr = SandboxStream("stderr")
 
         self._own_workdir = workdir is None
+        self._ca_dir: str | None = None
         try:
             argv, child_env = await asyncio.to_thread(self._prepare, cmd, level, workdir, env)
         except BaseException:
@@ -293,8 +295,12 @@ class Sandbox:
         env: Mapping[str, str] | None,
     ) -> tuple[list[str], dict[str, str]]:
         """Make the workdir; the argv that starts ``cmd`` at ``level``, and its environment."""
+        host = Host.here()
+        drop = host.runs_as()
         if workdir_arg is None:
             self.workdir = Path(tempfile.mkdtemp(prefix=f"burrow-{self.object_id}-"))
+            if drop is not None:
+                os.chown(self.workdir, drop.uid, drop.gid)
         else:
             self.workdir = Path(os.path.realpath(workdir_arg))
             if not os.path.isdir(self.workdir):
@@ -336,19 +342,50 @@ class Sandbox:
                     f"Cannot run {found!r} in the sandbox: {hidden_by} is private there; "
                     "put it in the workdir or elsewhere"
                 )
+        if drop is not None:
+            # Root's sandbox runs as an unprivileged user, who must be able to
+            # use its workdir and run its command.
+            hidden = HIDDEN_DIRS if level is IsolationLevel.BWRAP else ()
+            visible = [workdir, *shown]
+            who = f"{drop.name}, the user a sandbox started by root runs as"
+            blocked = unreachable(workdir, drop, os.R_OK | os.W_OK | os.X_OK, hidden, visible)
+            if blocked is not None:
+                raise InvalidError(
+                    f"workdir {workdir!r} is not usable by {who} ({blocked} keeps it out); "
+                    f"give it to that user (chown {drop.name}) or leave workdir unset"
+                )
+            for path in (found, os.path.realpath(found)):
+                blocked = unreachable(path, drop, os.X_OK, hidden, visible)
+                if blocked is not None:
+                    raise InvalidError(
+                        f"Cannot run {found!r} in the sandbox: {blocked} is out of reach of {who}"
+                    )
         ca = str(self._config.ca.resolve()) if self._config.ca is not None else None
+        if drop is not None and ca is not None:
+            hidden = HIDDEN_DIRS if level is IsolationLevel.BWRAP else ()
+            if unreachable(ca, drop, os.R_OK, hidden, [ca]) is not None:
+                ca = self._readable_copy(ca)
         argv, self.isolation = command_argv(
             level,
-            Host.here(),
+            host,
             [found, *cmd[1:]],
             hostname=self.object_id,
             workdir=workdir,
             shown=shown,
             ca=ca,
         )
-        if level is IsolationLevel.BWRAP and ca is not None:
+        if ca is not None:
             child_env["BURROW_CA"] = ca
         return argv, child_env
+
+    def _readable_copy(self, ca: str) -> str:
+        """A copy of the relay's CA certificate (public) that the sandbox's user can read."""
+        self._ca_dir = tempfile.mkdtemp(prefix=f"burrow-{self.object_id}-ca-")
+        os.chmod(self._ca_dir, 0o755)
+        copy = os.path.join(self._ca_dir, "ca.pem")
+        shutil.copyfile(ca, copy)
+        os.chmod(copy, 0o644)
+        return copy
 
     # -- life -----------------------------------------------------------------
 
@@ -481,6 +518,8 @@ class Sandbox:
     def _remove_workdir(self) -> None:
         if self._own_workdir and hasattr(self, "workdir"):
             shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._ca_dir is not None:
+            shutil.rmtree(self._ca_dir, ignore_errors=True)
 
     # -- the API --------------------------------------------------------------
 

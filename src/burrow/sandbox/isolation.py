@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import enum
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,17 +22,38 @@ from burrow.exception import InvalidError
 # How long the trial run of an isolation tool may take before it counts as broken.
 PROBE_TIMEOUT: Final = 10.0
 
-# The uid and gid a sandbox runs as when bubblewrap is started by root: an
-# unprivileged id inside a user namespace holds no capabilities.
-SANDBOX_ID_FOR_ROOT: Final = 65534
+# The host user a sandbox runs as when root starts it. Mapping an id to root
+# in a user namespace is not enough: the kernel still sees uid 0 outside, for
+# files the sandbox can see and for the peers of its Unix sockets. Any
+# unprivileged user would do; "nobody" owns no files and exists everywhere.
+SANDBOX_USER_FOR_ROOT: Final = "nobody"
+NOBODY_ID: Final = 65534  # nobody's uid and gid where no passwd entry names them
 
 # Directories replaced by an empty tmpfs under bubblewrap: scratch space the
 # sandbox gets its own of, and places where a host keeps sockets and secrets.
 PRIVATE_DIRS: Final = ("/tmp", "/var/tmp", "/run", "/dev/shm")
+SCRATCH_DIRS: Final = ("/tmp", "/var/tmp", "/dev/shm")
 HOME_DIRS: Final = ("/root", "/home")
 HIDDEN_DIRS: Final = (*PRIVATE_DIRS, *HOME_DIRS)
 
 RESOLV_CONF: Final = "/etc/resolv.conf"
+
+
+@dataclass(frozen=True)
+class User:
+    """A host user a sandbox runs as."""
+
+    name: str
+    uid: int
+    gid: int
+
+    @classmethod
+    def named(cls, name: str) -> User:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            return cls(name, NOBODY_ID, NOBODY_ID)
+        return cls(name, entry.pw_uid, entry.pw_gid)
 
 
 class IsolationLevel(enum.StrEnum):
@@ -38,7 +61,9 @@ class IsolationLevel(enum.StrEnum):
 
     BWRAP = "bwrap"
     """bubblewrap: read-only root, private /tmp and /run, home directories
-    hidden, its own user (no capabilities), pid, ipc, uts and mount namespaces."""
+    hidden, its own user (no capabilities), pid, ipc, uts and mount namespaces.
+    Started by root, it runs the command as the unprivileged host user
+    ``nobody`` instead of in a user namespace."""
 
     UNSHARE = "unshare"
     """``unshare``: its own pid, ipc, uts and mount namespaces; the file
@@ -71,8 +96,16 @@ class Isolation:
     """Always ``shared``: the sandbox uses the machine's network, so that the
     agent reaches its ports on 127.0.0.1 and ``forward()`` inside it reaches the relay."""
 
+    user: str = ""
+    """The host user the command runs as, as the machine's kernel sees it: the
+    starting process's own, or ``nobody`` when that is root (never root)."""
+
+    uid: int = -1
+    """That user's uid on the host."""
+
     def __str__(self) -> str:
-        parts = [f"namespaces: {', '.join(self.namespaces) or 'none'}"]
+        parts = [f"as {self.user}, uid {self.uid}"]
+        parts.append(f"namespaces: {', '.join(self.namespaces) or 'none'}")
         if self.read_only_root:
             parts.append("read-only root")
         if self.private_dirs:
@@ -95,15 +128,45 @@ class Host:
     setpriv: bool = True
     """Whether ``setpriv`` is installed."""
 
+    sandbox_user: User = User(SANDBOX_USER_FOR_ROOT, NOBODY_ID, NOBODY_ID)
+    """Who a sandbox runs as if ``uid`` is root."""
+
+    user: str = ""
+    """The name of ``uid``."""
+
     @classmethod
     def here(cls) -> Host:
         resolv = os.path.realpath(RESOLV_CONF)
+        uid = os.getuid()
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = str(uid)
         return cls(
-            uid=os.getuid(),
+            uid=uid,
             dirs=frozenset(path for path in HIDDEN_DIRS if os.path.isdir(path)),
             resolv_conf=resolv if resolv.startswith("/run/") and os.path.exists(resolv) else None,
             setpriv=shutil.which("setpriv") is not None,
+            sandbox_user=User.named(SANDBOX_USER_FOR_ROOT),
+            user=user,
         )
+
+    def runs_as(self) -> User | None:
+        """The user a sandbox is switched to, if any: root's drop to an unprivileged one."""
+        return self.sandbox_user if self.uid == 0 else None
+
+
+def drop_args(user: User | None) -> list[str]:
+    """``setpriv`` options that make the command ``user``, with no groups or capabilities left."""
+    if user is None:
+        return []
+    return [
+        f"--reuid={user.uid}",
+        f"--regid={user.gid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ]
 
 
 def bwrap_args(host: Host, hidden: Sequence[str], hostname: str) -> list[str]:
@@ -111,13 +174,18 @@ def bwrap_args(host: Host, hidden: Sequence[str], hostname: str) -> list[str]:
     args = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     for path in hidden:
         if path in host.dirs:
+            # Scratch space is anyone's, as on the host: the sandbox's user may
+            # not own it (bubblewrap started by root makes it root's).
+            args += ["--perms", "01777"] if path in SCRATCH_DIRS else []
             args += ["--tmpfs", path]
     # A resolv.conf that points into /run (systemd-resolved) must survive /run going private.
     if host.resolv_conf is not None:
         args += ["--ro-bind", host.resolv_conf, host.resolv_conf]
-    args += ["--unshare-user"]
-    if host.uid == 0:
-        args += ["--uid", str(SANDBOX_ID_FOR_ROOT), "--gid", str(SANDBOX_ID_FOR_ROOT)]
+    if host.uid != 0:
+        args += ["--unshare-user"]
+    # Started by root, bubblewrap does its mounts as root and the command is
+    # made nobody by setpriv (see command_argv): a user namespace would map
+    # the sandbox's id to host root, which is what the kernel goes by.
     # No --new-session: the sandbox is a session of its own already (it is
     # started with setsid, so it has no controlling terminal to inject input
     # into), and bubblewrap's init must stay in the process group that the
@@ -145,7 +213,8 @@ def unshare_args(host: Host) -> list[str]:
 
 
 def lifetime_args(host: Host) -> list[str]:
-    """For the levels without --die-with-parent: no setuid gains, death with this process.
+    """For the levels without --die-with-parent: no setuid gains, death with this
+    process, and for root's sandboxes an unprivileged user.
 
     The parent-death signal follows the thread that started the process:
     sandboxes are started from the agent's thread, which lives as long as the
@@ -153,7 +222,7 @@ def lifetime_args(host: Host) -> list[str]:
     """
     if not host.setpriv:
         return []
-    return ["setpriv", "--no-new-privs", "--pdeathsig", "KILL", "--"]
+    return ["setpriv", *drop_args(host.runs_as()), "--no-new-privs", "--pdeathsig", "KILL", "--"]
 
 
 def under(path: str, directory: str) -> bool:
@@ -194,24 +263,101 @@ def command_argv(
     Under bubblewrap, ``workdir`` is bound writable, ``shown`` and ``ca``
     read-only, and the command starts in ``workdir``.
     """
+    user, uid = _who(host)
     if level is IsolationLevel.BWRAP:
         argv = bwrap_args(host, HIDDEN_DIRS, hostname)
+        argv += _parents(HIDDEN_DIRS, [*shown, workdir, *([ca] if ca is not None else [])])
         for path in shown:
             argv += ["--ro-bind", path, path]
         argv += ["--bind", workdir, workdir]
         if ca is not None:
             argv += ["--ro-bind", ca, ca]
-        argv += ["--chdir", workdir, "--", *command]
+        argv += ["--chdir", workdir, "--", *_dropping(host), *command]
+        namespaces = NAMESPACES[level]
+        if host.runs_as() is not None:
+            namespaces = tuple(n for n in namespaces if n != "user")
         return argv, Isolation(
             level,
-            NAMESPACES[level],
+            namespaces,
             read_only_root=True,
             private_dirs=tuple(d for d in HIDDEN_DIRS if d in host.dirs),
+            user=user,
+            uid=uid,
         )
     if level is IsolationLevel.UNSHARE:
         argv = [*unshare_args(host), *lifetime_args(host), *command]
-        return argv, Isolation(level, NAMESPACES[level])
-    return [*lifetime_args(host), *command], Isolation(level)
+        return argv, Isolation(level, NAMESPACES[level], user=user, uid=uid)
+    return [*lifetime_args(host), *command], Isolation(level, user=user, uid=uid)
+
+
+def _parents(hidden: Sequence[str], bound: Sequence[str]) -> list[str]:
+    """Directories between a hidden directory and what is bound inside it, made searchable.
+
+    bubblewrap would make them itself, but as root with mode 0700: out of the
+    reach of the user the sandbox then runs as.
+    """
+    args: list[str] = []
+    made: set[str] = set()
+    for path in bound:
+        top = next((d for d in hidden if under(path, d) and path != d), None)
+        if top is None:
+            continue
+        parts = path.split("/")
+        for depth in range(len(top.split("/")) + 1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent not in made:
+                made.add(parent)
+                args += ["--perms", "0755", "--dir", parent]
+    return args
+
+
+def _dropping(host: Host) -> list[str]:
+    """Inside bubblewrap: for root's sandboxes, setpriv making the command an unprivileged user."""
+    drop = host.runs_as()
+    return [] if drop is None else ["setpriv", *drop_args(drop), "--no-new-privs", "--"]
+
+
+def _who(host: Host) -> tuple[str, int]:
+    drop = host.runs_as()
+    if drop is not None:
+        return drop.name, drop.uid
+    return host.user or str(host.uid), host.uid
+
+
+def unreachable(
+    path: str, user: User, want: int, hidden: Sequence[str] = (), visible: Sequence[str] = ()
+) -> str | None:
+    """The part of ``path`` that ``user`` cannot get through, if any.
+
+    Every directory above ``path`` must let the user search it, and ``path``
+    grant the permission bits ``want`` (``os.R_OK | os.X_OK``, say). A
+    directory that bubblewrap makes itself (one inside a ``hidden``
+    directory and not inside a ``visible`` one) is searchable by all.
+    """
+    parts = path.rstrip("/").split("/")
+    for depth in range(1, len(parts) + 1):
+        current = "/".join(parts[:depth]) or "/"
+        if any(under(current, d) for d in hidden) and not any(under(current, v) for v in visible):
+            continue
+        try:
+            info = os.stat(current)
+        except OSError:
+            return current
+        needed = want if depth == len(parts) else os.X_OK
+        if not _grants(info, user, needed):
+            return current
+    return None
+
+
+def _grants(info: os.stat_result, user: User, want: int) -> bool:
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid == user.uid:
+        bits = mode >> 6
+    elif info.st_gid == user.gid:
+        bits = mode >> 3
+    else:
+        bits = mode
+    return bits & want == want
 
 
 # -- what works here ------------------------------------------------------------
@@ -225,11 +371,16 @@ def why_not(level: IsolationLevel) -> str | None:
         return _works[level]
     true = shutil.which("true") or "/bin/true"
     host = Host.here()
-    if level is IsolationLevel.BWRAP:
+    if host.runs_as() is not None and not host.setpriv:
+        why: str | None = (
+            f"started by root, a sandbox runs as {host.sandbox_user.name}, which takes "
+            "setpriv (util-linux), and it is not installed"
+        )
+    elif level is IsolationLevel.BWRAP:
         if shutil.which("bwrap") is None:
-            why: str | None = "bwrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
+            why = "bwrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
         else:
-            why = _trial([*bwrap_args(host, HIDDEN_DIRS, "probe"), "--", true])
+            why = _trial([*bwrap_args(host, HIDDEN_DIRS, "probe"), "--", *_dropping(host), true])
     elif level is IsolationLevel.UNSHARE:
         if shutil.which("unshare") is None:
             why = "unshare is not installed (util-linux)"
@@ -264,7 +415,7 @@ def available_isolation() -> IsolationLevel:
     for level in IsolationLevel:
         if why_not(level) is None:
             return level
-    raise AssertionError("a plain process always works")
+    raise InvalidError(f"no sandbox can run on this machine: {why_not(IsolationLevel.NONE)}")
 
 
 def choose(requested: str) -> IsolationLevel:
