@@ -21,8 +21,9 @@ import pytest
 import uvloop
 
 from burrow.exception import ConnectionError, RemoteProtocolError
+from burrow.net import channel as channel_module
 from burrow.net.channel import MAX_QUEUED_MESSAGES, Channel, serve_control
-from burrow.net.stream import LINGER_RESET, Stream
+from burrow.net.stream import LINGER_RESET, WRITE_HIGH_WATER, Stream
 from burrow.wire import protocol
 from burrow.wire.protocol import (
     Close,
@@ -445,5 +446,73 @@ def test_a_busy_connection_sends_no_pings(run: Run) -> None:
             while (message := await peer.receive()) is not None:
                 received.append(message)
             assert received == [Close(id=n) for n in range(1, rounds + 1)]
+
+    run(main)
+
+
+# -- back-pressure ---------------------------------------------------------------------
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.005)
+
+
+def test_a_peer_that_reads_no_answers_is_not_read(run: Run) -> None:
+    """Pings from a peer that reads no pongs: the channel stops taking them once its
+    answers pass the high-water mark, and goes on once the peer has read them."""
+
+    async def main() -> None:
+        async with agent() as (channel, stream, peer):
+            await _ready(channel, peer)
+            handled = Handled()
+            serving = asyncio.ensure_future(serve_control(channel, QUIET, handled))
+            loop = asyncio.get_running_loop()
+            pings = b"".join(protocol.encode(Ping(seq=n)) for n in range(2000))
+            flooding = asyncio.ensure_future(_flood(loop, peer, pings))
+            await _until(lambda: stream.unsent > WRITE_HIGH_WATER)
+            # Past the mark: the channel hands out no ping, so writes no pong, and
+            # reads nothing, however many turns the loop takes.
+            unsent = stream.unsent
+            for _ in range(200):
+                await asyncio.sleep(0)
+            assert stream.unsent == unsent, "answers were still queued for a peer that reads none"
+            assert not stream.reading
+            assert not flooding.done()
+            flooding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flooding
+            # The peer reads the answers: reading goes on.
+            while stream.unsent or not stream.reading:
+                await peer.receive()
+            channel.close()
+            await asyncio.wait_for(serving, 10)  # what was queued is handed out, then EOF
+            assert handled.messages == []
+
+    run(main)
+
+
+async def _flood(loop: asyncio.AbstractEventLoop, peer: Peer, data: bytes) -> None:
+    while True:
+        await loop.sock_sendall(peer.sock, data)
+
+
+def test_a_peer_that_leaves_too_much_unread_is_reset(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(channel_module, "MAX_UNSENT_BYTES", 64 * 1024, raising=False)
+
+    async def main() -> None:
+        async with agent() as (channel, stream, peer):
+            await _ready(channel, peer)
+            sent = 0
+            while not stream.closed and sent < 100_000:  # the kernel takes the first few
+                channel.send(Ping(seq=sent))
+                sent += 1
+                if stream.unsent > 64 * 1024:
+                    break
+            await asyncio.wait_for(stream.lost, 10)
+            with pytest.raises(ConnectionError, match="unread"):
+                await channel.receive()
 
     run(main)

@@ -38,6 +38,7 @@ class FakeStream:
         self.receiver: Receiver | None = None
         self.closed = False
         self.peername = "127.0.0.1:50000"
+        self.unsent = 0  # bytes the agent has not read yet
 
     def set_receiver(self, receiver: Receiver) -> None:
         self.receiver = receiver

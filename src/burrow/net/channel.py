@@ -21,6 +21,16 @@ from burrow.wire import protocol
 # Frames buffered but not yet taken before we stop reading the peer.
 MAX_QUEUED_MESSAGES = 256
 
+# Bytes written to a channel but not yet taken by the peer, past which the peer
+# is taken to read nothing and the connection is reset. While more than the
+# stream's WRITE_HIGH_WATER (512 KiB) waits, a channel takes no new message
+# from its peer, so requests cannot pile up answers; what can still grow is
+# the frames a side sends on its own (a relay's dials and pings), a few dozen
+# bytes each. Eight times the high-water mark is far beyond what a live peer
+# leaves unread, and small enough that a thousand mute peers cost a relay
+# no more than their kernel buffers' worth each.
+MAX_UNSENT_BYTES = 4 * 1024 * 1024
+
 
 class Channel(BaseReceiver):
     """One framed connection (control, or a data connection before its bind)."""
@@ -34,7 +44,8 @@ class Channel(BaseReceiver):
         self._error: BaseException | None = None
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
-        self._paused = False
+        self._paused = False  # reading paused: too many messages queued
+        self._write_blocked = False  # the stream's writes are above its high-water mark
         # Set when the data connection is spliced: the raw bytes behind `bind`.
         self.trailing: bytes = b""
         stream.set_receiver(self)
@@ -66,12 +77,26 @@ class Channel(BaseReceiver):
             self.stream.pause_reading()
         self._wake()
 
+    def on_pause_writing(self, stream: Stream) -> None:
+        # A peer that does not read our answers gets no new ones: take no message
+        # (receive() waits) and read nothing until it has caught up.
+        self._write_blocked = True
+        if not self._paused:
+            self.stream.pause_reading()
+
+    def on_resume_writing(self, stream: Stream) -> None:
+        self._write_blocked = False
+        if not self._paused and not self._spliced():
+            self.stream.resume_reading()
+        self._wake()
+
     def on_eof(self, stream: Stream) -> None:
         self._eof = True
         self._wake()
 
     def on_close(self, stream: Stream, exc: BaseException | None) -> None:
         self._eof = True
+        self._write_blocked = False  # nothing more is written: hand out what came
         if exc is not None and self._error is None:
             self._error = ConnectionError(f"connection lost: {exc}")
         self._wake()
@@ -86,11 +111,15 @@ class Channel(BaseReceiver):
     # -- for the shells ---------------------------------------------------
 
     async def receive(self) -> protocol.Message | None:
-        """The next message, or ``None`` once the peer has closed."""
-        while not self._messages:
+        """The next message, or ``None`` once the peer has closed.
+
+        Waits while the peer leaves more than the stream's high-water mark of
+        what we sent unread (back-pressure: see :meth:`on_pause_writing`).
+        """
+        while not self._messages or self._write_blocked:
             if self._error is not None:
                 raise self._error
-            if self._eof:
+            if self._eof and not self._messages:
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -100,7 +129,8 @@ class Channel(BaseReceiver):
         message = self._messages.popleft()
         if self._paused and len(self._messages) < MAX_QUEUED_MESSAGES // 2 and not self._spliced():
             self._paused = False
-            self.stream.resume_reading()
+            if not self._write_blocked:
+                self.stream.resume_reading()
         return message
 
     def has_pending(self) -> bool:
@@ -117,6 +147,14 @@ class Channel(BaseReceiver):
         self.stream.write(self.connection.send(message))
         if self.heartbeat is not None:
             self.heartbeat.sent(time.monotonic())
+        unsent = self.stream.unsent
+        if unsent > MAX_UNSENT_BYTES and self._error is None:
+            # receive() raises this; the stream's reset frees what is queued at once.
+            self._error = ConnectionError(
+                f"the peer left {unsent} bytes unread (at most {MAX_UNSENT_BYTES})"
+            )
+            self.stream.abort()
+            self._wake()
 
     def close(self) -> None:
         self.stream.close()
