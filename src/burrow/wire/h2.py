@@ -116,6 +116,10 @@ def window_update(increment: int) -> bytes:
     return out
 
 
+# The server's frames whose header the inspector reads: header blocks (no
+# reply may go between their frames) and SETTINGS (the HPACK table size).
+_TRACKED: Final = frozenset({HEADERS, PUSH_PROMISE, CONTINUATION, SETTINGS})
+
 # The frame size every HTTP/2 peer accepts (RFC 9113 §4.2): re-encoded header
 # blocks are cut into frames of this size, whatever the server allows.
 MIN_MAX_FRAME_SIZE: Final = 16_384
@@ -410,12 +414,27 @@ class Inspector:
         The server's bytes are never held or changed: only their frame
         boundaries are tracked. Raises :class:`H2Error`.
         """
-        if self._s_left >= len(data) and self._s_settings is None:
-            self._s_left -= len(data)
-            return data
-        pieces: list[bytes | memoryview] = []
-        start = pos = 0
         end = len(data)
+        if self._s_left >= end and self._s_settings is None:
+            self._s_left -= end
+            return data
+        pos = 0
+        if (
+            self._s_started
+            and not (self._s_head or self._s_in_block or self._s_settings is not None)
+            and not (self._replies or self._window)
+        ):
+            # Nothing waits to go in: hop from frame header to frame header
+            # until one that matters (downloads are mostly DATA frames of 8 or
+            # 16 KiB, dozens per read, and this is the loop they cost).
+            pos, self._s_left = self._s_left, 0
+            while pos + FRAME_HEADER_SIZE <= end and data[pos + 3] not in _TRACKED:
+                pos += FRAME_HEADER_SIZE + int.from_bytes(data[pos : pos + 3], "big")
+            if pos >= end:
+                self._s_left = pos - end
+                return data
+        pieces: list[bytes | memoryview] = []
+        start = 0
         view = memoryview(data)
         while pos < end:
             if self._s_left:
