@@ -36,7 +36,9 @@ import _relayproc as rp
 from procs import HOST, BenchError, free_port, running, tail, wait_port
 
 NGINX = "/usr/sbin/nginx"
+# Bytes moved each way per round; a short budget (bench/run.py --quick) moves less.
 BIG_SIZE = 512 * 1024 * 1024
+SMALL_BUDGET_SIZE = 128 * 1024 * 1024
 RATE_CONNECTIONS = 4
 RATE_STREAMS = 32
 OFF_ENV = "BURROW_BENCH_NO_H2_INSPECTION"
@@ -85,11 +87,11 @@ http {{
 
 
 @contextlib.contextmanager
-def h2c_nginx(tmp: Path) -> Iterator[int]:
+def h2c_nginx(tmp: Path, size: int) -> Iterator[int]:
     www = tmp / "www"
     (www / "upload").mkdir(parents=True, exist_ok=True)
     with (www / "big").open("wb") as f:
-        f.truncate(BIG_SIZE)  # sparse: zeros cost TLS as much as any bytes
+        f.truncate(size)  # sparse: zeros cost TLS as much as any bytes
     port = free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(nginx_config(tmp, port))
@@ -164,7 +166,7 @@ def request_rate(setup: Setup, seconds: int) -> float:
 CURL_FIGURES = "%{http_version} %{size_download} %{size_upload} %{time_total}"
 
 
-def transfer(setup: Setup, upload: Path | None) -> float:
+def transfer(setup: Setup, upload: Path | None, size: int) -> float:
     """Bytes per second of one download of /big, or one upload of ``upload``."""
     args = ["-T", str(upload), f"{setup.url}/upload/body"] if upload else [f"{setup.url}/big"]
     out = subprocess.run(
@@ -178,10 +180,10 @@ def transfer(setup: Setup, upload: Path | None) -> float:
     fields = out.stdout.split()
     if out.returncode != 0 or len(fields) != 4 or fields[0] != "2":
         raise BenchError(f"curl through {setup.name}: {out.stdout} {out.stderr[-300:]}")
-    size = int(fields[2] if upload else fields[1])
-    if size != BIG_SIZE:
-        raise BenchError(f"curl through {setup.name} moved {size} bytes, not {BIG_SIZE}")
-    return size / float(fields[3])
+    moved = int(fields[2] if upload else fields[1])
+    if moved != size:
+        raise BenchError(f"curl through {setup.name} moved {moved} bytes, not {size}")
+    return moved / float(fields[3])
 
 
 def main() -> None:
@@ -193,17 +195,18 @@ def main() -> None:
         for name in ("on", "off")
     }
     rounds = 0
-    with rp.processes() as procs, h2c_nginx(procs.workdir / "nginx") as local_port:
+    size = BIG_SIZE if args.budget >= 60 else SMALL_BUDGET_SIZE
+    with rp.processes() as procs, h2c_nginx(procs.workdir / "nginx", size) as local_port:
         setups = {
             "on": start_setup(procs, "inspected", local_port, inspect=True),
             "off": start_setup(procs, "uninspected", local_port, inspect=False),
         }
         body = procs.workdir / "body"
         with body.open("wb") as f:
-            f.truncate(BIG_SIZE)
+            f.truncate(size)
         rate_seconds = int(max(2, min(5, budget.left() // 40)))  # h2load -D takes whole seconds
         # One round: both setups, each measure; the order flips every round.
-        while rounds < 5 and (rounds < 2 or budget.left() > 4 * (rate_seconds + 10)):
+        while rounds < 5 and (rounds < 1 or budget.left() > 4 * (rate_seconds + 10)):
             order = ["on", "off"] if rounds % 2 == 0 else ["off", "on"]
             for name in order:
                 setup = setups[name]
@@ -215,9 +218,9 @@ def main() -> None:
                 figures["cpu_req"].append((rp.cpu_seconds(setup.relay_pid) - cpu) / served * 1e6)
                 for key, upload in (("down", None), ("up", body)):
                     cpu = rp.cpu_seconds(setup.relay_pid)
-                    figures[key].append(transfer(setup, upload))
+                    figures[key].append(transfer(setup, upload, size))
                     spent = rp.cpu_seconds(setup.relay_pid) - cpu
-                    figures[f"cpu_{key}"].append(spent / (BIG_SIZE / 2**30))
+                    figures[f"cpu_{key}"].append(spent / (size / 2**30))
             rounds += 1
     median = {
         name: {k: statistics.median(v) for k, v in figures.items()}
@@ -247,7 +250,7 @@ def main() -> None:
         "(bench only); each with its own agent process, both to one nginx speaking h2c; "
         f"rounds alternate between them. Requests: h2load -c {RATE_CONNECTIONS} "
         f"-m {RATE_STREAMS} -D {rate_seconds}s; transfers: curl --http2, "
-        f"{BIG_SIZE // 2**20} MiB each way per round.",
+        f"{size // 2**20} MiB each way per round.",
         "Raw figures: " + json.dumps(results),
     ]
     result = rp.table(caption, ["measure", "inspection off", "inspection on", "on / off"], rows)

@@ -39,8 +39,13 @@ from servers import backends
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 COMMAND = "python bench/run.py"
-# Tunnel set-up and scale are measured by scripts of their own, given a time budget.
-EXTERNAL = (("setup_latency.py", "Tunnel set-up"), ("scale.py", "Scale"))
+# Tunnel set-up, scale and the HTTP/2 check's cost are measured by scripts of their own,
+# given a time budget.
+EXTERNAL = (
+    ("setup_latency.py", "Tunnel set-up"),
+    ("scale.py", "Scale"),
+    ("h2_inspection.py", "HTTP/2 inspection (the cross-tenant check)"),
+)
 EXTERNAL_GRACE = 20.0
 # Seconds kept at the end for charts and the report.
 REPORT_RESERVE = 15.0
@@ -617,7 +622,9 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=REPO / "docs", help="where benchmarks.md and PNGs go"
     )
     parser.add_argument(
-        "--no-external", action="store_true", help="skip setup_latency.py and scale.py"
+        "--no-external",
+        action="store_true",
+        help="skip setup_latency.py, scale.py and h2_inspection.py",
     )
     parser.add_argument(
         "--only",
