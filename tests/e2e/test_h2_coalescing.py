@@ -31,6 +31,7 @@ from harness import RelayHarness
 
 import burrow
 from burrow import Tunnel
+from burrow.wire import h2
 
 TIMEOUT = 30.0
 CURL = shutil.which("curl")
@@ -302,13 +303,26 @@ def chromium(home: Path, profile: Path, relay: RelayHarness) -> Any:
 
 
 def test_chromium_never_sends_one_tenants_cookie_to_another(
-    relay: RelayHarness, tenants: tuple[Tenant, Tenant], tmp_path: Path
+    relay: RelayHarness,
+    tenants: tuple[Tenant, Tenant],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert CHROMIUM and CHROMEDRIVER and CERTUTIL, (
         "needs the Debian packages chromium, chromium-driver and libnss3-tools"
     )
     from selenium.webdriver.support.ui import WebDriverWait
 
+    # The relay runs in this process: count its refusals, to know that Chromium
+    # really coalesced (else this test would prove nothing).
+    refused: list[str] = []
+    refuse = h2.Inspector._refuse
+
+    def counted(self: h2.Inspector, stream_id: int, *, reset: bool) -> None:
+        refused.append(self.server_name)
+        refuse(self, stream_id, reset=reset)
+
+    monkeypatch.setattr(h2.Inspector, "_refuse", counted)
     a, b = tenants
     pixel_of_a = f"{a.tunnel.url}/pixel.gif"
     b.app.page = f'<p id=marker>bravo</p><img id=pic src="{pixel_of_a}">'
@@ -338,12 +352,14 @@ def test_chromium_never_sends_one_tenants_cookie_to_another(
     finally:
         driver.quit()
 
-    # B's server saw only B's page, on B's name, and no cookie of A's.
+    # B's server got no cookie of A's, and saw only B's page, on B's name.
     seen_b = b.app.seen()
-    assert all(s.authority.split(":")[0] == b.tunnel.host for s in seen_b), seen_b
     assert all("secret-of-alpha" not in s.cookie for s in seen_b), seen_b
+    assert all(s.authority.split(":")[0] == b.tunnel.host for s in seen_b), seen_b
     assert [s.path for s in seen_b if s.path != "/favicon.ico"] == ["/"], seen_b
     # The browser then got A's image from A, with A's cookie, over HTTP/2.
     pixel = [s for s in a.app.seen() if s.path == "/pixel.gif"]
     assert pixel and all(s.http_version == "2" for s in pixel), a.app.seen()
     assert f"{SESSION_COOKIE}=secret-of-alpha" in pixel[-1].cookie
+    # ... after Chromium had tried B's connection for it and got 421.
+    assert b.tunnel.host in refused, "Chromium did not coalesce: the scenario did not happen"
