@@ -363,3 +363,70 @@ def test_chromium_never_sends_one_tenants_cookie_to_another(
     assert f"{SESSION_COOKIE}=secret-of-alpha" in pixel[-1].cookie
     # ... after Chromium had tried B's connection for it and got 421.
     assert b.tunnel.host in refused, "Chromium did not coalesce: the scenario did not happen"
+
+
+# -- one connection, after a refusal ------------------------------------------------
+
+
+def test_requests_after_a_refusal_reach_the_server_as_sent(
+    relay: RelayHarness, tenants: tuple[Tenant, Tenant]
+) -> None:
+    """A refused request changed the client's HPACK table; later ones still decode right.
+
+    The h2 library's encoder indexes the refused request's authority and
+    cookie (it indexes cookies of 20 bytes or more); the next requests refer
+    to those entries, which B's server never got. The relay re-encodes them,
+    so B's server reads what the client sent (without that, hypercorn fails
+    to decode them and closes the connection).
+    """
+    import ssl
+
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import ResponseReceived, StreamEnded
+
+    a, b = tenants
+    context = ssl.create_default_context(cafile=str(relay.ca))
+    context.set_alpn_protocols(["h2"])
+    conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+
+    def headers(tunnel: Tunnel, cookie: str) -> list[tuple[bytes, bytes]]:
+        return [
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+            (b":authority", f"{tunnel.host}:{tunnel.port}".encode()),
+            (b":path", b"/"),
+            (b"cookie", cookie.encode()),
+        ]
+
+    plan = [
+        (1, a, "theme=dark-with-a-long-value"),
+        (3, b, "theme=dark-with-a-long-value"),
+        (5, b, "b=1"),
+    ]
+    for stream, tunnel, cookie in plan:
+        conn.send_headers(stream, headers(tunnel.tunnel, cookie), end_stream=True)
+    statuses: dict[int, bytes] = {}
+    ended: set[int] = set()
+    with (
+        socket.create_connection(("127.0.0.1", b.tunnel.port), timeout=TIMEOUT) as raw,
+        context.wrap_socket(raw, server_hostname=b.tunnel.host) as sock,
+    ):
+        assert sock.selected_alpn_protocol() == "h2"
+        sock.sendall(conn.data_to_send())
+        while len(ended) < len(plan):
+            data = sock.recv(65536)
+            assert data, f"closed early; answers so far: {statuses}"
+            for event in conn.receive_data(data):
+                if isinstance(event, ResponseReceived):
+                    statuses[event.stream_id] = dict(event.headers)[b":status"]
+                if isinstance(event, StreamEnded):
+                    ended.add(event.stream_id)
+            sock.sendall(conn.data_to_send())
+    assert statuses == {1: b"421", 3: b"200", 5: b"200"}
+    assert [(s.authority, s.cookie) for s in b.app.seen()] == [
+        (f"{b.tunnel.host}:{b.tunnel.port}", "theme=dark-with-a-long-value"),
+        (f"{b.tunnel.host}:{b.tunnel.port}", "b=1"),
+    ]
+    assert a.app.seen() == []
