@@ -9,6 +9,11 @@ answers ``421 Misdirected Request`` to a stream whose ``:authority`` or
 ``host`` is not the connection's server name, without forwarding any frame of
 that stream. The client then retries on a connection of its own.
 
+Forwarded frames are the visitor's bytes, unchanged, with one exception: once
+a dropped header block has changed the client's HPACK dynamic table, the
+server's table can no longer follow it, and every later header block is
+re-encoded from what was decoded (see :meth:`Inspector._dropped_block`).
+
 Sans-IO: bytes in, bytes out. The relay feeds it both directions: the
 visitor's bytes (:meth:`Inspector.from_visitor`) come back as the bytes to
 forward, and the server's bytes (:meth:`Inspector.to_visitor`) come back with
@@ -143,7 +148,7 @@ def _header_frames(stream_id: int, block: bytes, *, end_stream: bool, priority: 
 
 
 def fold_host(value: str) -> str:
-    """Lowercase, without one trailing dot: how the relay compares server names."""
+    """Lowercase, without one trailing dot: the form of ``wire.names.server_name``."""
     value = value.lower()
     return value[:-1] if value.endswith(".") else value
 
