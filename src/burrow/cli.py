@@ -27,6 +27,7 @@ from burrow.relay.config import (
     HEARTBEAT_INTERVAL,
     MAX_PENDING_HANDSHAKES,
     MAX_PENDING_HANDSHAKES_PER_SOURCE,
+    MAX_SESSIONS_PER_TOKEN,
     MAX_TUNNELS_PER_TOKEN,
     TUNNEL_CREATION_BURST,
     TUNNEL_CREATIONS_PER_SECOND,
@@ -147,6 +148,13 @@ def _handshake_options(command: _Command) -> _Command:
     return command
 
 
+_max_sessions_option = click.option(
+    "--max-sessions-per-token",
+    type=click.IntRange(1),
+    default=MAX_SESSIONS_PER_TOKEN,
+    show_default=True,
+    help="Sessions (agent processes) one token may hold at once.",
+)
 _max_tunnels_option = click.option(
     "--max-tunnels-per-token",
     type=click.IntRange(1),
@@ -242,6 +250,7 @@ main.add_command(launch)  # burrow launch jupyter|shell: src/burrow/launch/
 @_heartbeat_option
 @_drain_option
 @_max_tunnels_option
+@_max_sessions_option
 @_tunnel_rate_option
 @_workers_option
 @_log_level_option
@@ -262,6 +271,7 @@ def relay(
     heartbeat: int,
     drain_timeout: float,
     max_tunnels_per_token: int,
+    max_sessions_per_token: int,
     tunnel_rate: float,
     workers: int,
     log_level: str,
@@ -288,6 +298,7 @@ def relay(
             heartbeat=heartbeat,
             drain_timeout=drain_timeout,
             max_tunnels_per_token=max_tunnels_per_token,
+            max_sessions_per_token=max_sessions_per_token,
             tunnel_creations_per_second=tunnel_rate,
         )
         process.run_relay(config, workers=workers)
@@ -329,6 +340,7 @@ def relay(
 @_heartbeat_option
 @_drain_option
 @_max_tunnels_option
+@_max_sessions_option
 @_tunnel_rate_option
 @_workers_option
 @_log_level_option
@@ -344,6 +356,7 @@ def dev_command(
     heartbeat: int,
     drain_timeout: float,
     max_tunnels_per_token: int,
+    max_sessions_per_token: int,
     tunnel_rate: float,
     workers: int,
     log_level: str,
@@ -363,6 +376,7 @@ def dev_command(
                 heartbeat=heartbeat,
                 drain_timeout=drain_timeout,
                 max_tunnels_per_token=max_tunnels_per_token,
+            max_sessions_per_token=max_sessions_per_token,
                 tunnel_creations_per_second=tunnel_rate,
             ),
         )

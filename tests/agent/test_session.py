@@ -603,6 +603,23 @@ async def test_reconnecting_goes_on_while_the_relay_is_stopping(
         await session.close()
 
 
+async def test_reconnecting_goes_on_at_the_session_limit(
+    relay: ScriptedRelay, certs: devca.DevCertificates
+) -> None:
+    # The relay may still count the lost session against the token's limit
+    # until that session's heartbeat runs out.
+    session, peer = await _connected(relay, certs)
+    try:
+        peer.writer.close()
+        await (await relay.accept()).refuse(protocol.CODE_LIMIT, "at most 1 sessions at once")
+        await (await relay.accept()).welcome(session="s2")
+        await asyncio.wait_for(session._connected.wait(), STEP)
+        assert not session.closed
+        assert session.session_id == "s2"
+    finally:
+        await session.close()
+
+
 @pytest.mark.parametrize(
     ("code", "kind"),
     [(protocol.CODE_AUTH, AuthError), (protocol.CODE_VERSION, RelayError)],

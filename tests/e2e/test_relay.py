@@ -588,9 +588,26 @@ def _wait_until_pooled(relay: RelayHarness, probe: TlsProbe) -> None:
         time.sleep(0.01)
 
 
+def _welcome(probe: TlsProbe) -> dict[str, Any]:
+    """The welcome the relay answers a hello with."""
+    received = bytearray()
+    while len(received) < 4 or len(received) < 4 + struct.unpack("!I", received[:4])[0]:
+        try:
+            received += probe.tls.read(65536)
+        except ssl.SSLWantReadError:
+            probe._fill()
+    (welcome,) = parse_frames(bytes(received))
+    assert welcome["type"] == "welcome", welcome
+    return welcome
+
+
 def test_pooled_data_connection_that_speaks_is_dropped(live: Live) -> None:
-    # A real session's key: the connection joins the pool, where it may not speak.
-    session_id, key = live.relay.call(_first_session(live.relay))
+    # A session of its own, whose pool has room (a full pool closes what comes
+    # beyond it): the connection joins the pool, where it may not speak.
+    control = control_probe(live.relay)
+    control.send(hello(live.relay.token))
+    welcome = _welcome(control)
+    session_id, key = welcome["session"], welcome["key"]
     with data_probe(live.relay) as probe:
         host, port = probe.sock.getsockname()[:2]
         probe.send(frame({"type": "attach", "session": session_id, "key": key}))
@@ -599,6 +616,7 @@ def test_pooled_data_connection_that_speaks_is_dropped(live: Live) -> None:
         data, _ = probe.read_until_closed()
     assert data == b""
     assert f"{host}:{port}" not in live.relay.call(_pooled_peers(live.relay))
+    control.sock.close()
 
 
 def test_data_connection_that_speaks_with_its_attach_is_dropped(own_relay: RelayHarness) -> None:

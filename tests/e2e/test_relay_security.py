@@ -745,7 +745,7 @@ def test_a_visitor_is_bound_only_to_its_own_sessions_data_connections(
     ):
         # Mallory publishes the same tunnel id as alice's and fills her pool.
         assert mallory.open(1)["type"] == "opened"
-        data = [mallory.attach(relay) for _ in range(relay.relay.config.pool_size + 2)]
+        data = [mallory.attach(relay) for _ in range(relay.relay.config.pool_size)]
         try:
             wait_until(
                 lambda: {d.local_address for d in data} <= relay.call(_pooled(relay)),

@@ -3,6 +3,7 @@ comes out. No sockets, and time is passed in."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -137,6 +138,15 @@ def test_a_workload_id_has_a_cap() -> None:
 
 
 # -- open ---------------------------------------------------------------------------
+
+
+def test_a_token_holds_at_most_its_sessions_limit() -> None:
+    checks = admission(dataclasses.replace(CONFIG, max_sessions_per_token=2))
+    assert checks.check_sessions(0) is None
+    assert checks.check_sessions(1) is None
+    assert checks.check_sessions(2) == error(
+        protocol.CODE_LIMIT, "this token may hold at most 2 sessions at once"
+    )
 
 
 def test_a_good_open_goes_ahead_with_its_allowlist_parsed() -> None:

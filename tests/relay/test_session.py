@@ -8,6 +8,7 @@ as "the agent sends this, the relay answers that, and its tables now hold".
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,3 +274,95 @@ async def test_leaving_tells_the_agent_to_reconnect(agent: Agent, relay: FakeRel
     )
     assert tunnel.closed and agent.stream.closed
     assert relay.registry.sessions == {}
+
+
+# -- the data-connection pool ---------------------------------------------------------
+
+
+def data_connection() -> tuple[Channel, FakeStream]:
+    stream = FakeStream()
+    channel = Channel(
+        stream,  # type: ignore[arg-type]
+        protocol.Connection(protocol.Kind.DATA, protocol.Role.RELAY),
+    )
+    return channel, stream
+
+
+async def pooled_session(agent: Agent) -> list[FakeStream]:
+    """The agent opens a tunnel and its pool (as the agent does, without a dial)."""
+    assert isinstance(await agent.ask(open_()), protocol.Opened)
+    streams = []
+    for _ in range(agent.relay.config.pool_size):
+        channel, stream = data_connection()
+        agent.session.add_data_connection(channel)
+        streams.append(stream)
+    return streams
+
+
+async def test_a_visitor_gone_before_its_bind_leaves_the_pool_as_it_was(agent: Agent) -> None:
+    await pooled_session(agent)
+    for _ in range(10):
+        assert await agent.session.take_data_connection(1.0, lambda: False) is None
+    assert len(agent.session._pool) == agent.relay.config.pool_size
+    assert agent.receive_now() is None  # no dial: nothing was used up
+
+
+async def test_a_connection_handed_out_is_replaced_once(agent: Agent) -> None:
+    await pooled_session(agent)
+    channel = await agent.session.take_data_connection(1.0, lambda: True)
+    assert channel is not None
+    assert agent.receive_now() == protocol.Dial(count=1)
+    assert agent.receive_now() is None
+
+
+async def test_the_pool_keeps_its_size_and_closes_the_rest(agent: Agent) -> None:
+    streams = await pooled_session(agent)
+    extra = [data_connection() for _ in range(3)]
+    for channel, _ in extra:
+        agent.session.add_data_connection(channel)
+    assert len(agent.session._pool) == agent.relay.config.pool_size
+    assert not any(stream.closed for stream in streams)
+    assert all(stream.closed for _, stream in extra)
+
+
+async def test_a_waiting_visitor_asks_for_what_is_not_on_its_way(agent: Agent) -> None:
+    # The tunnel is open: the agent's own pool of four is on its way, so a
+    # visitor who finds the pool empty asks for one more, not five.
+    assert isinstance(await agent.ask(open_()), protocol.Opened)
+    waiting = asyncio.ensure_future(agent.session.take_data_connection(5.0))
+    assert await agent.receive() == protocol.Dial(count=1)
+    channel, _ = data_connection()
+    agent.session.add_data_connection(channel)
+    assert await waiting is channel
+    assert agent.receive_now() is None  # the other four still count as on their way
+
+
+async def test_visitors_waiting_when_the_session_ends_are_let_go(agent: Agent) -> None:
+    assert isinstance(await agent.ask(open_()), protocol.Opened)
+    waiting = [
+        asyncio.ensure_future(agent.session.take_data_connection(30.0)) for _ in range(3)
+    ]
+    await asyncio.sleep(0)  # they wait
+    agent.session.close()
+    assert await asyncio.wait_for(asyncio.gather(*waiting), 5) == [None, None, None]
+
+
+async def test_pooled_connections_idle_too_long_are_closed(relay: FakeRelay) -> None:
+    relay.config = dataclasses.replace(relay.config, pool_idle_timeout=0.01)
+    agent = await Agent.connect(relay)
+    try:
+        channel, stream = data_connection()
+        closed = asyncio.Event()
+        close = stream.close
+
+        def close_and_tell() -> None:
+            close()
+            closed.set()
+
+        stream.close = close_and_tell  # type: ignore[method-assign]
+        agent.session.add_data_connection(channel)
+        await asyncio.wait_for(closed.wait(), 5)
+        assert not agent.session._pool
+        assert agent.receive_now() is None  # not replaced until a visitor comes
+    finally:
+        await agent.finish()

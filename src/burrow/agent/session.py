@@ -21,7 +21,13 @@ from typing import Final
 
 from burrow._version import __version__
 from burrow.agent.errors import from_wire
-from burrow.exception import ConnectionError, Error, LocalProtocolError, RemoteProtocolError
+from burrow.exception import (
+    ConnectionError,
+    Error,
+    LocalProtocolError,
+    RelayError,
+    RemoteProtocolError,
+)
 from burrow.net import tls
 from burrow.net.channel import Channel, serve_control
 from burrow.net.splice import Splice, join
@@ -301,7 +307,10 @@ class AgentSession:
             try:
                 await self._handshake(resume)
             except Error as exc:
-                if not exc.retryable:
+                # At its token's session limit the relay may still count our lost
+                # session (until its heartbeat runs out): that passes, so try again.
+                limited = isinstance(exc, RelayError) and exc.code == protocol.CODE_LIMIT
+                if not exc.retryable and not limited:
                     log.error(
                         "relay %s: %s; giving up the session", self.config.relay, loggable(exc)
                     )

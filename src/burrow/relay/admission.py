@@ -101,6 +101,16 @@ class Admission:
             )
         return grant
 
+    def check_sessions(self, held: int) -> protocol.Error | None:
+        """Why a token that holds ``held`` live sessions may not open another, or None."""
+        limit = self.config.max_sessions_per_token
+        if held < limit:
+            return None
+        return protocol.Error(
+            code=protocol.CODE_LIMIT,
+            message=f"this token may hold at most {limit} sessions at once",
+        )
+
     def check_session(
         self, grant: tokens.TokenGrant, *, now: float | None = None
     ) -> protocol.Error | None:

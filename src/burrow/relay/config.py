@@ -26,6 +26,17 @@ POOL_SIZE: Final = 4
 # How long a visitor waits for a data connection when the pool is empty.
 POOL_WAIT_SECONDS: Final = 30.0
 
+# A pooled data connection idle this long is closed (and not replaced until a
+# visitor comes): each is a socket here and one at the agent, and a quiet
+# session need not hold them; the next visitor waits one dial round trip.
+POOL_IDLE_TIMEOUT: Final = 300.0
+
+# Sessions one token may hold at once. A session costs the relay about
+# 27 KiB and a control connection; a fleet of processes sharing a token (CI
+# runners, each forward() a session of its own) stays far below this, and a
+# leaked or looping token cannot hold more than some 7 MiB of the relay.
+MAX_SESSIONS_PER_TOKEN: Final = 256
+
 # Tunnels one session may hold; a guard against a runaway agent, far above
 # what one process forwards.
 MAX_TUNNELS_PER_SESSION: Final = 1024
@@ -106,6 +117,12 @@ class RelayConfig:
 
     pool_size: int = POOL_SIZE
     """Idle data connections each agent keeps open."""
+
+    pool_idle_timeout: float = POOL_IDLE_TIMEOUT
+    """Seconds a pooled data connection may stay idle before the relay closes it."""
+
+    max_sessions_per_token: int = MAX_SESSIONS_PER_TOKEN
+    """Sessions one token may hold at once; past it, ``hello`` gets a ``limit`` error."""
 
     max_tunnels_per_session: int = MAX_TUNNELS_PER_SESSION
     """Tunnels one agent session may hold at once."""

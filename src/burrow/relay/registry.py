@@ -9,7 +9,7 @@ No sockets: everything here can be driven from a test.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
@@ -37,7 +37,9 @@ class SessionHandle(Protocol):
 
     def add_data_connection(self, channel: Channel) -> None: ...
 
-    async def take_data_connection(self, wait_seconds: float) -> Channel | None: ...
+    async def take_data_connection(
+        self, wait_seconds: float, wanted: Callable[[], bool] = ...
+    ) -> Channel | None: ...
 
     def end(self, error: protocol.Error) -> None:
         """Send ``error`` to the agent and close."""

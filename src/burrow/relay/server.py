@@ -370,13 +370,16 @@ class Relay:
             return
         tunnel.waiting += 1
         try:
-            data = await tunnel.session.take_data_connection(POOL_WAIT_SECONDS)
+            data = await tunnel.session.take_data_connection(
+                POOL_WAIT_SECONDS, lambda: not (tunnel.closed or visitor.closed)
+            )
+        except asyncio.CancelledError:  # the relay is closing: so is the visitor
+            visitor.close()
+            raise
         finally:
             tunnel.waiting -= 1
-        if data is None or tunnel.closed or visitor.closed:
-            if data is not None:
-                tunnel.session.add_data_connection(data)
-            elif not tunnel.closed and not visitor.closed:
+        if data is None:
+            if not tunnel.closed and not visitor.closed and not tunnel.session.closed:
                 log.warning(
                     "tunnel %s: no data connection from the agent in %.0fs, turning %s away",
                     tunnel.host,
@@ -471,6 +474,10 @@ class Relay:
         assert isinstance(hello, protocol.Hello)  # the state table allows nothing else first
         self.check_revoked_tokens()  # a token revoked a moment ago is refused at once
         grant = self.admission.check_hello(hello)
+        if not isinstance(grant, protocol.Error):
+            token_id = grant.token_id
+            held = sum(s.grant.token_id == token_id for s in self.registry.sessions.values())
+            grant = self.admission.check_sessions(held) or grant
         if isinstance(grant, protocol.Error):
             log.warning("agent %s refused: %s", stream.peername, loggable(grant.message))
             channel.refuse(grant)

@@ -13,8 +13,8 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Final, Protocol
 
 from burrow.exception import ConnectionError, LocalProtocolError, RemoteProtocolError
 from burrow.net.channel import Channel, serve_control
@@ -29,6 +29,11 @@ from burrow.wire import protocol
 from burrow.wire.text import loggable
 
 log = logging.getLogger("burrow.relay")
+
+# A data connection asked for with `dial` arrives within the agent's connect
+# timeout (10 s) plus the relay's first-frame timeout (10 s), or never: the
+# agent could not connect. Past this it counts as lost and is asked for again.
+DIAL_EXPIRY_SECONDS: Final = 20.0
 
 
 class RelayServices(Protocol):
@@ -94,8 +99,14 @@ class RelaySession:
         self.workload = workload
         self.id = relay.registry.new_name()
         self.key = secrets.token_urlsafe(32)
-        self._pool: collections.deque[Channel] = collections.deque()
-        self._waiters: collections.deque[asyncio.Future[Channel]] = collections.deque()
+        # Idle data connections, oldest first, each with its idle timer.
+        self._pool: dict[Channel, asyncio.TimerHandle] = {}
+        # Visitors waiting for a data connection; None tells one the session ended.
+        self._waiters: collections.deque[asyncio.Future[Channel | None]] = collections.deque()
+        # When each data connection asked for and not yet come was asked for.
+        self._dialed: collections.deque[float] = collections.deque()
+        self._attached = 0  # data connections that ever came
+        self._filled = False  # the agent fills its pool once it has a tunnel
         self._pooled_receiver = _Pooled(self)
         self._leaving = False
         self.closed = False
@@ -208,6 +219,10 @@ class RelaySession:
         if self.closed:
             registry.unpublish(tunnel)
             return
+        if not self._filled:
+            # With its first tunnel the agent opens its pool on its own: those are on their way.
+            self._filled = True
+            self._expect(max(0, self.relay.config.pool_size - self._attached), time.monotonic())
         self.channel.send(
             protocol.Opened(
                 id=tunnel.id,
@@ -222,36 +237,98 @@ class RelaySession:
     # -- data connections ---------------------------------------------------
 
     def add_data_connection(self, channel: Channel) -> None:
-        """A data connection proved it belongs here: give it to a visitor or pool it."""
+        """A data connection proved it belongs here: give it to a visitor or pool it.
+
+        The pool holds at most its size plus the visitors waiting; a connection
+        beyond that (asked for by a visitor who has gone since) is closed.
+        """
+        self._attached += 1
+        if self._dialed:
+            self._dialed.popleft()
+        self._give(channel)
+
+    def _give(self, channel: Channel) -> None:
+        if self.closed:
+            channel.close()
+            return
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(channel)
                 return
-        self._pool.append(channel)
+        if len(self._pool) >= self.relay.config.pool_size + len(self._waiters):
+            channel.close()
+            return
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.relay.config.pool_idle_timeout, self._idle, channel)
+        self._pool[channel] = timer
         channel.stream.set_receiver(self._pooled_receiver)
+
+    def _idle(self, channel: Channel) -> None:
+        if self._pool.pop(channel, None) is not None:
+            log.debug("session %s: closing a data connection idle too long", self.id)
+            channel.close()
 
     def drop_pooled(self, stream: Stream) -> None:
         for channel in self._pool:
             if channel.stream is stream:
-                self._pool.remove(channel)
+                self._pool.pop(channel).cancel()
                 return
 
-    async def take_data_connection(self, wait_seconds: float) -> Channel | None:
-        """An idle data connection for a new visitor; asks the agent for a replacement."""
-        if self.closed:
-            return None
-        self._send_quietly(protocol.Dial(count=1))
+    def _take_pooled(self) -> Channel | None:
         while self._pool:
-            channel = self._pool.popleft()
+            channel = next(iter(self._pool))
+            self._pool.pop(channel).cancel()
             if not channel.stream.closed:
                 return channel
-        waiter: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            return await asyncio.wait_for(waiter, wait_seconds)
-        except TimeoutError:
+        return None
+
+    async def take_data_connection(
+        self, wait_seconds: float, wanted: Callable[[], bool] = lambda: True
+    ) -> Channel | None:
+        """A data connection for a visitor, or None (none came in time, the session
+        ended, or ``wanted()`` says the visitor has gone meanwhile).
+
+        Only a connection handed out is replaced (``dial``); one that finds its
+        visitor gone goes back to the pool unreplaced, so visitors that leave
+        at once cannot grow the pool.
+        """
+        if self.closed:
             return None
+        channel = self._take_pooled()
+        if channel is None:
+            waiter: asyncio.Future[Channel | None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            self._refill()
+            try:
+                channel = await asyncio.wait_for(waiter, wait_seconds)
+            except TimeoutError:
+                return None
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            if channel is None:
+                return None
+        if not wanted():
+            self._give(channel)
+            return None
+        self._refill()
+        return channel
+
+    def _expect(self, count: int, now: float) -> None:
+        self._dialed.extend([now] * count)
+
+    def _refill(self) -> None:
+        """Ask the agent for what the pool lacks: its size, plus one per visitor
+        waiting, less what is idle here and what is on its way."""
+        now = time.monotonic()
+        while self._dialed and self._dialed[0] < now - DIAL_EXPIRY_SECONDS:
+            self._dialed.popleft()
+        wanted = self.relay.config.pool_size + len(self._waiters)
+        missing = wanted - len(self._pool) - len(self._dialed)
+        if missing > 0 and not self.closed:
+            self._expect(missing, now)
+            self._send_quietly(protocol.Dial(count=missing))
 
     # -- the end ------------------------------------------------------------
 
@@ -271,11 +348,11 @@ class RelaySession:
             return
         self.closed = True
         self.relay.registry.remove_session(self, keep_connections=self._leaving)
-        while self._pool:
-            self._pool.popleft().close()
-        while self._waiters:
+        while (channel := self._take_pooled()) is not None:
+            channel.close()
+        while self._waiters:  # their visitors are closed at once, not left hanging
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.cancel()
+                waiter.set_result(None)
         self.channel.close()
         log.info("session %s (%s) ended", self.id, loggable(self.grant.subject))
