@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
@@ -27,6 +28,9 @@ from typing import Any
 
 import pytest
 from backends import _async_server_thread
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import ResponseReceived, StreamEnded, StreamReset
 from harness import RelayHarness
 
 import burrow
@@ -318,9 +322,9 @@ def test_chromium_never_sends_one_tenants_cookie_to_another(
     refused: list[str] = []
     refuse = h2.Inspector._refuse
 
-    def counted(self: h2.Inspector, stream_id: int, *, reset: bool) -> None:
+    def counted(self: h2.Inspector, stream_id: int, *, sending: bool) -> None:
         refused.append(self.server_name)
-        refuse(self, stream_id, reset=reset)
+        refuse(self, stream_id, sending=sending)
 
     monkeypatch.setattr(h2.Inspector, "_refuse", counted)
     a, b = tenants
@@ -365,7 +369,65 @@ def test_chromium_never_sends_one_tenants_cookie_to_another(
     assert b.tunnel.host in refused, "Chromium did not coalesce: the scenario did not happen"
 
 
-# -- one connection, after a refusal ------------------------------------------------
+# -- one connection, several requests -------------------------------------------------
+
+Request = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+def h2_exchange(relay: RelayHarness, via: Tunnel, requests: list[Request]) -> dict[int, bytes]:
+    """Send ``requests`` (stream, headers, body) on one HTTP/2 connection to ``via``.
+
+    Bodies go as flow control allows, in order; returns each stream's status.
+    """
+    conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    bodies = {stream: body for stream, _, body in requests if body}
+    for stream, headers, body in requests:
+        conn.send_headers(stream, headers, end_stream=not body)
+    statuses: dict[int, bytes] = {}
+    ended: set[int] = set()
+
+    def send_bodies() -> None:
+        for stream, body in list(bodies.items()):
+            if stream in ended:
+                del bodies[stream]
+                continue
+            while body and (n := min(conn.local_flow_control_window(stream), 16384)):
+                conn.send_data(stream, body[:n])
+                body = body[n:]
+            bodies[stream] = body
+            if not body:
+                conn.end_stream(stream)
+                del bodies[stream]
+
+    context = ssl.create_default_context(cafile=str(relay.ca))
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", via.port), timeout=TIMEOUT) as raw,
+        context.wrap_socket(raw, server_hostname=via.host) as sock,
+    ):
+        assert sock.selected_alpn_protocol() == "h2"
+        while len(ended) < len(requests):
+            send_bodies()
+            sock.sendall(conn.data_to_send())
+            data = sock.recv(65536)
+            assert data, f"closed early; answers so far: {statuses}"
+            for event in conn.receive_data(data):
+                if isinstance(event, ResponseReceived):
+                    statuses[event.stream_id] = dict(event.headers)[b":status"]
+                if isinstance(event, StreamEnded | StreamReset):
+                    ended.add(event.stream_id)
+    return statuses
+
+
+def request(tunnel: Tunnel, cookie: str, method: str = "GET") -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", method.encode()),
+        (b":scheme", b"https"),
+        (b":authority", f"{tunnel.host}:{tunnel.port}".encode()),
+        (b":path", f"/{method.lower()}".encode()),
+        (b"cookie", cookie.encode()),
+    ]
 
 
 def test_requests_after_a_refusal_reach_the_server_as_sent(
@@ -379,54 +441,60 @@ def test_requests_after_a_refusal_reach_the_server_as_sent(
     so B's server reads what the client sent (without that, hypercorn fails
     to decode them and closes the connection).
     """
-    import ssl
+    a, b = tenants
+    shared = "theme=dark-with-a-long-value"
+    statuses = h2_exchange(
+        relay,
+        b.tunnel,
+        [
+            (1, request(a.tunnel, shared), b""),
+            (3, request(b.tunnel, shared), b""),
+            (5, request(b.tunnel, "b=1"), b""),
+        ],
+    )
+    assert statuses == {1: b"421", 3: b"200", 5: b"200"}
+    assert [(s.authority, s.cookie) for s in b.app.seen()] == [
+        (f"{b.tunnel.host}:{b.tunnel.port}", shared),
+        (f"{b.tunnel.host}:{b.tunnel.port}", "b=1"),
+    ]
+    assert a.app.seen() == []
 
-    from h2.config import H2Configuration
-    from h2.connection import H2Connection
-    from h2.events import ResponseReceived, StreamEnded
 
+def test_a_refused_upload_reaches_no_one_and_its_window_comes_back(
+    relay: RelayHarness, tenants: tuple[Tenant, Tenant]
+) -> None:
+    """A misdirected POST takes the whole connection window; the next upload still goes.
+
+    Stream 1 (for A, on B's connection) sends until the connection's 64 KiB
+    window is spent; the relay answers 421, drops the body, and gives the
+    window back, without which stream 3 could never send a byte.
+    """
+    a, b = tenants
+    statuses = h2_exchange(
+        relay,
+        b.tunnel,
+        [
+            (1, request(a.tunnel, "sid=secret-of-alpha", "POST"), b"a" * 1024 * 1024),
+            (3, request(b.tunnel, "b=1", "POST"), b"b" * 256 * 1024),
+        ],
+    )
+    assert statuses == {1: b"421", 3: b"200"}
+    assert [(s.path, s.cookie) for s in b.app.seen()] == [("/post", "b=1")]
+    assert a.app.seen() == []
+
+
+def test_broken_http2_is_closed_and_the_relay_serves_on(
+    relay: RelayHarness, tenants: tuple[Tenant, Tenant]
+) -> None:
     a, b = tenants
     context = ssl.create_default_context(cafile=str(relay.ca))
     context.set_alpn_protocols(["h2"])
-    conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
-    conn.initiate_connection()
-
-    def headers(tunnel: Tunnel, cookie: str) -> list[tuple[bytes, bytes]]:
-        return [
-            (b":method", b"GET"),
-            (b":scheme", b"https"),
-            (b":authority", f"{tunnel.host}:{tunnel.port}".encode()),
-            (b":path", b"/"),
-            (b"cookie", cookie.encode()),
-        ]
-
-    plan = [
-        (1, a, "theme=dark-with-a-long-value"),
-        (3, b, "theme=dark-with-a-long-value"),
-        (5, b, "b=1"),
-    ]
-    for stream, tunnel, cookie in plan:
-        conn.send_headers(stream, headers(tunnel.tunnel, cookie), end_stream=True)
-    statuses: dict[int, bytes] = {}
-    ended: set[int] = set()
     with (
         socket.create_connection(("127.0.0.1", b.tunnel.port), timeout=TIMEOUT) as raw,
         context.wrap_socket(raw, server_hostname=b.tunnel.host) as sock,
     ):
         assert sock.selected_alpn_protocol() == "h2"
-        sock.sendall(conn.data_to_send())
-        while len(ended) < len(plan):
-            data = sock.recv(65536)
-            assert data, f"closed early; answers so far: {statuses}"
-            for event in conn.receive_data(data):
-                if isinstance(event, ResponseReceived):
-                    statuses[event.stream_id] = dict(event.headers)[b":status"]
-                if isinstance(event, StreamEnded):
-                    ended.add(event.stream_id)
-            sock.sendall(conn.data_to_send())
-    assert statuses == {1: b"421", 3: b"200", 5: b"200"}
-    assert [(s.authority, s.cookie) for s in b.app.seen()] == [
-        (f"{b.tunnel.host}:{b.tunnel.port}", "theme=dark-with-a-long-value"),
-        (f"{b.tunnel.host}:{b.tunnel.port}", "b=1"),
-    ]
-    assert a.app.seen() == []
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: " + a.tunnel.host.encode() + b"\r\n\r\n")
+        assert sock.recv(65536) == b""  # closed, nothing said
+    assert b.app.seen() == [] and a.app.seen() == []
+    assert curl_on(relay, b.tunnel, b.tunnel.url + "/").stdout == "200 2"

@@ -289,19 +289,34 @@ def test_a_refused_requests_body_is_dropped_and_its_window_given_back(bytewise: 
     forwarded = relay.from_client(sent)
     assert forwarded == PREFACE + CLIENT_SETTINGS  # preface and SETTINGS only
     relay.from_server(SERVER_PREFACE)
-    replies = frames_of(bytes(relay.to_visitor)[len(SERVER_PREFACE) :])
-    kinds = [(kind, stream) for kind, _, stream, _ in replies]
-    assert (HEADERS, 1) in kinds and (h2.RST_STREAM, 1) in kinds
-    updates = [p for kind, _, stream, p in replies if kind == h2.WINDOW_UPDATE and stream == 0]
-    assert sum(int.from_bytes(p, "big") for p in updates) == 5101 + 3000
+    assert relay.to_visitor == SERVER_PREFACE + h2.window_update(5101 + 3000) + h2.misdirected(
+        1, reset=True
+    )
     events = events_at_client(c, bytes(relay.to_visitor))
-    assert any(isinstance(e, ResponseReceived) for e in events)
+    assert [e.stream_id for e in events if isinstance(e, ResponseReceived)] == [1]
     assert any(isinstance(e, StreamReset) and e.error_code == 0 for e in events)
     assert c.outbound_flow_control_window == window_before  # nothing lost for good
     # More of the body, already on its way: still dropped, still given back.
     more = frame(DATA, FLAG_END_STREAM, 1, b"d" * 10)
     assert relay.from_client(more) == b""
     assert relay.to_visitor.endswith(h2.window_update(10))
+
+
+@MODES
+def test_a_refused_request_that_has_ended_gets_no_reset(bytewise: bool) -> None:
+    relay = Relay(bytewise=bytewise)
+    c = client()
+    c.send_headers(1, request_headers(OTHER, method="POST"))
+    c.send_data(1, b"b" * 100, end_stream=True)
+    c.send_headers(3, request_headers(OTHER, method="POST"))
+    c.send_headers(3, [(b"x-trailer", b"1")], end_stream=True)
+    c.send_headers(5, request_headers(OTHER, method="POST"))
+    c.reset_stream(5)
+    relay.from_client(c.data_to_send())
+    relay.from_server(SERVER_PREFACE)
+    assert relay.to_visitor == SERVER_PREFACE + h2.window_update(100) + b"".join(
+        h2.misdirected(stream, reset=False) for stream in (1, 3, 5)
+    )
 
 
 def test_replies_wait_for_a_frame_boundary_of_the_server() -> None:

@@ -38,6 +38,7 @@ DATA: Final = 0x0
 HEADERS: Final = 0x1
 PRIORITY: Final = 0x2
 RST_STREAM: Final = 0x3
+NO_ERROR: Final = 0x0
 SETTINGS: Final = 0x4
 PUSH_PROMISE: Final = 0x5
 WINDOW_UPDATE: Final = 0x8
@@ -48,7 +49,6 @@ FLAG_END_HEADERS: Final = 0x4
 FLAG_PADDED: Final = 0x8
 FLAG_PRIORITY: Final = 0x20
 SETTINGS_HEADER_TABLE_SIZE: Final = 0x1
-NO_ERROR: Final = 0x0
 MAX_WINDOW_INCREMENT: Final = 2**31 - 1
 
 # What one request's header block may take, compressed (all its HEADERS and
@@ -103,7 +103,11 @@ def misdirected(stream_id: int, *, reset: bool) -> bytes:
     """``421`` for ``stream_id``; with ``reset``, then ``RST_STREAM(NO_ERROR)``.
 
     The reset tells a client still sending a request body to stop (RFC 9113
-    §8.1: a complete response may come before the request is complete).
+    §8.1: a complete response may come before the request is complete), as
+    nginx does when it answers early. Without it such a client would wait for
+    the stream to end: curl 7.88 stops sending once it has an error status,
+    and then waits. (That curl reports the reset as a framing error, with
+    nginx as here; nghttp2, h2load and Chromium take the 421.)
     """
     out = frame(HEADERS, FLAG_END_HEADERS | FLAG_END_STREAM, stream_id, _MISDIRECTED_BLOCK)
     if reset:
@@ -195,8 +199,9 @@ class Inspector:
         self._s_in_block = False  # between HEADERS/PUSH_PROMISE and END_HEADERS
         self._s_settings: bytearray | None = None  # a SETTINGS payload being read
         # waiting for a frame boundary in the server's direction
-        self._replies = bytearray()
+        self._replies: list[int] = []  # streams refused, their 421 not yet sent
         self._window = 0  # connection-level window to give back (dropped DATA)
+        self._sending: set[int] = set()  # refused streams whose request is not all here
 
     # -- visitor -> server ----------------------------------------------------
 
@@ -254,7 +259,11 @@ class Inspector:
                 if stream_id == 0:
                     raise H2Error("DATA on stream 0")
                 if not forward:
-                    self._window += length  # the client spent it; give it back
+                    # The client spent connection window on it, which the
+                    # server will never give back: the relay does.
+                    self._window += length
+            if not forward and (kind == RST_STREAM or (kind == DATA and flags & FLAG_END_STREAM)):
+                self._sending.discard(stream_id)
             if forward:
                 out += buf[pos : pos + FRAME_HEADER_SIZE]
             pos += FRAME_HEADER_SIZE
@@ -326,6 +335,8 @@ class Inspector:
         stream_id = block.stream_id
         if stream_id in self.refused:
             # Trailers of a refused request: dropped with it.
+            if block.end_stream:
+                self._sending.discard(stream_id)
             self._dropped_block(changed)
             return
         authorities = [
@@ -335,7 +346,7 @@ class Inspector:
         if stream_id > self._last_stream:
             self._last_stream = stream_id
             if not authorities or not ours:
-                self._refuse(stream_id, reset=not block.end_stream)
+                self._refuse(stream_id, sending=not block.end_stream)
                 self._dropped_block(changed)
                 return
         elif not ours:
@@ -385,12 +396,14 @@ class Inspector:
             return False
         return fold_host(host) == self.server_name
 
-    def _refuse(self, stream_id: int, *, reset: bool) -> None:
+    def _refuse(self, stream_id: int, *, sending: bool) -> None:
         self.refusals += 1
         if len(self.refused) >= MAX_REFUSED_STREAMS:
             raise H2Error(f"over {MAX_REFUSED_STREAMS} misdirected requests on one connection")
         self.refused.add(stream_id)
-        self._replies += misdirected(stream_id, reset=reset)
+        self._replies.append(stream_id)
+        if sending:
+            self._sending.add(stream_id)
 
     def replies(self) -> bytes:
         """What the relay may write to the visitor now, between two server frames.
@@ -406,7 +419,10 @@ class Inspector:
         return self._s_started and not self._s_left and not self._s_head and not self._s_in_block
 
     def _take_replies(self) -> bytes:
-        out = window_update(self._window) + bytes(self._replies)
+        # A request whose end has come by now needs no reset (see misdirected).
+        out = window_update(self._window) + b"".join(
+            misdirected(stream_id, reset=stream_id in self._sending) for stream_id in self._replies
+        )
         self._window = 0
         self._replies.clear()
         return out
