@@ -217,6 +217,7 @@ def test_a_request_for_another_name_gets_421_and_is_not_forwarded(bytewise: bool
     assert relay.inspector.refused == {1}
 
 
+@MODES
 @pytest.mark.parametrize(
     "authority",
     [
@@ -232,8 +233,8 @@ def test_a_request_for_another_name_gets_421_and_is_not_forwarded(bytewise: bool
         "",
     ],
 )
-def test_what_is_not_the_name(authority: str) -> None:
-    relay = Relay()
+def test_what_is_not_the_name(authority: str, bytewise: bool) -> None:
+    relay = Relay(bytewise=bytewise)
     c = client()
     c.send_headers(1, request_headers(authority), end_stream=True)
     relay.from_server(SERVER_PREFACE)
@@ -241,6 +242,7 @@ def test_what_is_not_the_name(authority: str) -> None:
     assert relay.inspector.refused == {1}
 
 
+@MODES
 @pytest.mark.parametrize(
     "headers",
     [
@@ -253,8 +255,8 @@ def test_what_is_not_the_name(authority: str) -> None:
     ],
     ids=["none", "host-differs", "host-only"],
 )
-def test_host_counts_as_much_as_authority(headers: Headers) -> None:
-    relay = Relay()
+def test_host_counts_as_much_as_authority(headers: Headers, bytewise: bool) -> None:
+    relay = Relay(bytewise=bytewise)
     relay.from_server(SERVER_PREFACE)
     block = hpack.Encoder().encode(headers)
     sent = PREFACE + frame(HEADERS, FLAG_END_HEADERS | FLAG_END_STREAM, 1, block)
@@ -262,8 +264,9 @@ def test_host_counts_as_much_as_authority(headers: Headers) -> None:
     assert relay.to_visitor == SERVER_PREFACE + MISDIRECTED_1
 
 
-def test_only_host_naming_this_tunnel_passes() -> None:
-    relay = Relay()
+@MODES
+def test_only_host_naming_this_tunnel_passes(bytewise: bool) -> None:
+    relay = Relay(bytewise=bytewise)
     headers = [
         (b":method", b"GET"),
         (b":scheme", b"https"),
@@ -413,8 +416,9 @@ def test_the_dynamic_table_stays_in_step_across_streams(bytewise: bool) -> None:
     assert relay.inspector.refusals == 2
 
 
-def test_without_a_change_to_the_table_a_refusal_keeps_bytes_as_they_came() -> None:
-    relay = Relay()
+@MODES
+def test_without_a_change_to_the_table_a_refusal_keeps_bytes_as_they_came(bytewise: bool) -> None:
+    relay = Relay(bytewise=bytewise)
     wrong = hpack.Encoder()
     right = hpack.Encoder()
     # Never-indexed fields change no table: the refusal leaves the tables in step.
@@ -426,8 +430,9 @@ def test_without_a_change_to_the_table_a_refusal_keeps_bytes_as_they_came() -> N
     assert relay.from_client(sent) == PREFACE + passed
 
 
-def test_trailers_pass_and_a_refused_streams_trailers_do_not() -> None:
-    relay = Relay()
+@MODES
+def test_trailers_pass_and_a_refused_streams_trailers_do_not(bytewise: bool) -> None:
+    relay = Relay(bytewise=bytewise)
     c = client()
     c.send_headers(1, request_headers(NAME))
     c.send_headers(3, request_headers(OTHER))
@@ -442,18 +447,19 @@ def test_trailers_pass_and_a_refused_streams_trailers_do_not() -> None:
     assert all(getattr(e, "stream_id", 1) == 1 for e in events)
 
 
-def test_the_servers_table_size_is_the_clients_limit() -> None:
+@MODES
+def test_the_servers_table_size_is_the_clients_limit(bytewise: bool) -> None:
     srv = server(**{str(int(SettingCodes.HEADER_TABLE_SIZE)): 16384})
     c = client()
     c.receive_data(srv.data_to_send())  # the client may now use a 16 KiB table
     c.send_headers(1, request_headers(NAME, ("a", "b" * 6000), ("c", "d" * 6000)), end_stream=True)
     sent = c.data_to_send()
-    relay = Relay()
+    relay = Relay(bytewise=bytewise)
     relay.from_server(bytes(_server_settings(16384)))
     assert relay.from_client(sent) == sent
     # Without the server's SETTINGS, the same client breaks the 4 KiB default.
     with pytest.raises(H2Error):
-        Relay().from_client(sent)
+        Relay(bytewise=bytewise).from_client(sent)
 
 
 def _server_settings(table_size: int) -> bytes:
@@ -507,21 +513,23 @@ def test_a_continuation_flood_is_an_error() -> None:
     assert relay.forwarded == PREFACE
 
 
-def test_a_header_list_too_large_once_decoded_is_an_error() -> None:
+@MODES
+def test_a_header_list_too_large_once_decoded_is_an_error(bytewise: bool) -> None:
     """An HPACK bomb: one large entry in the table, then many references to it."""
     encoder = hpack.Encoder()
     first = encoder.encode([*request_headers(NAME), (b"x-bomb", b"b" * 4000)])
     again = encoder.encode([*[(b"x-bomb", b"b" * 4000)] * 100, *request_headers(NAME)])
     assert len(again) < 200
-    relay = Relay()
+    relay = Relay(bytewise=bytewise)
     ok = PREFACE + frame(HEADERS, FLAG_END_HEADERS | FLAG_END_STREAM, 1, first)
     assert relay.from_client(ok) == ok
     hostile(relay, frame(HEADERS, FLAG_END_HEADERS | FLAG_END_STREAM, 3, again))
     assert relay.forwarded == ok
 
 
-def test_a_header_block_naming_another_host_on_an_open_stream_is_an_error() -> None:
-    relay = Relay()
+@MODES
+def test_a_header_block_naming_another_host_on_an_open_stream_is_an_error(bytewise: bool) -> None:
+    relay = Relay(bytewise=bytewise)
     encoder = hpack.Encoder()
     sent = PREFACE + frame(HEADERS, FLAG_END_HEADERS, 1, encoder.encode(request_headers(NAME)))
     relay.from_client(sent)
