@@ -29,6 +29,7 @@ from typing import Final
 import hpack
 
 from burrow.exception import RemoteProtocolError
+from burrow.wire import names
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 FRAME_HEADER_SIZE: Final = 9
@@ -151,12 +152,6 @@ def _header_frames(stream_id: int, block: bytes, *, end_stream: bool, priority: 
     return out
 
 
-def fold_host(value: str) -> str:
-    """Lowercase, without one trailing dot: the form of ``wire.names.server_name``."""
-    value = value.lower()
-    return value[:-1] if value.endswith(".") else value
-
-
 @dataclass
 class _Block:
     """A header block being collected: its HEADERS and CONTINUATION frames."""
@@ -176,7 +171,7 @@ class Inspector:
     """
 
     def __init__(self, server_name: str, ports: frozenset[int] = frozenset()) -> None:
-        self.server_name = fold_host(server_name)
+        self.server_name = names.server_name(server_name) or ""
         self.ports = ports
         self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST_SIZE)
         self._decoder.max_allowed_table_size = 4096  # RFC 9113 §6.5.2 default
@@ -394,7 +389,7 @@ class Inspector:
             host, port = text, ""
         elif not (port.isdigit() and int(port) in self.ports):
             return False
-        return fold_host(host) == self.server_name
+        return names.server_name(host) == self.server_name
 
     def _refuse(self, stream_id: int, *, sending: bool) -> None:
         self.refusals += 1
