@@ -29,7 +29,8 @@ import burrow
 from burrow import Tunnel, tokens
 from burrow.exception import RelayError
 from burrow.net import channel as channel_module
-from burrow.relay.config import POOL_SIZE
+from burrow.net.limits import raise_open_file_limit
+from burrow.relay.config import MAX_SESSIONS_PER_TOKEN, POOL_SIZE
 from burrow.relay.session import RelaySession
 from burrow.wire import protocol
 
@@ -370,6 +371,44 @@ def test_sessions_per_token_are_capped(tmp_path: Path) -> None:
         with raw_session(relay, token):
             pass
         report("sessions per token", other_tenant=other.check())
+
+
+SESSION_FLOOD = 400
+
+
+def test_a_flood_of_one_tokens_sessions_stops_at_its_limit(tmp_path: Path) -> None:
+    raise_open_file_limit()
+    with run_relay(tmp_path) as relay, other_tenant(relay) as other:
+        token = relay.mint("flood")
+        rss_before = rss_mib()
+        welcomed, refused = [], 0
+        try:
+            for _ in range(SESSION_FLOOD):
+                control = RawConnection(relay, protocol.ALPN_CONTROL)
+                control.send(
+                    type="hello", version=protocol.PROTOCOL_VERSION, token=token, agent="flood"
+                )
+                reply = control.reply("welcome", "error")
+                if reply["type"] == "welcome":
+                    welcomed.append(control)
+                    continue
+                assert reply["code"] == protocol.CODE_LIMIT, reply
+                refused += 1
+                control.close()
+            rss_flood = rss_mib()
+            assert len(welcomed) == MAX_SESSIONS_PER_TOKEN
+            assert refused == SESSION_FLOOD - MAX_SESSIONS_PER_TOKEN
+            report(
+                f"{SESSION_FLOOD} sessions of one token",
+                welcomed=len(welcomed),
+                refused=refused,
+                rss_before_mib=f"{rss_before:.0f}",
+                rss_during_mib=f"{rss_flood:.0f}",
+                other_tenant=other.check(),
+            )
+        finally:
+            for control in welcomed:
+                control.close()
 
 
 def test_forward_at_the_session_limit_is_a_relay_error(tmp_path: Path) -> None:
