@@ -35,6 +35,7 @@ from burrow.relay.admission import Admission
 from burrow.relay.claims import ClaimSigner
 from burrow.relay.config import POOL_WAIT_SECONDS, RelayConfig
 from burrow.relay.handshakes import Handshakes
+from burrow.relay.logs import BoundedLog
 from burrow.relay.ports import Listener, TcpPorts
 from burrow.relay.quota import TokenQuotas
 from burrow.relay.registry import Registry, RelayTunnel
@@ -106,6 +107,8 @@ class Relay:
         self.plain_port: int | None = None
         self._servers: list[asyncio.Server] = []
         self._tasks = TaskSet()
+        # Refusals: anyone who can connect can cause them, so their lines are bounded.
+        self.refusals = BoundedLog(log)
         # Unfinished handshakes, oldest first (dicts keep insertion order).
         self._handshaking: Handshakes[TlsStream] = Handshakes(
             config.max_pending_handshakes, config.max_pending_handshakes_per_source
@@ -360,7 +363,7 @@ class Relay:
         visitor.pause_reading()
         limit = self.config.max_connections_per_tunnel
         if len(tunnel.splices) + tunnel.waiting >= limit:
-            log.warning(
+            self.refusals.warning(
                 "tunnel %s: %d visitors already, turning %s away",
                 tunnel.host,
                 limit,
@@ -380,7 +383,7 @@ class Relay:
             tunnel.waiting -= 1
         if data is None:
             if not tunnel.closed and not visitor.closed and not tunnel.session.closed:
-                log.warning(
+                self.refusals.warning(
                     "tunnel %s: no data connection from the agent in %.0fs, turning %s away",
                     tunnel.host,
                     POOL_WAIT_SECONDS,
@@ -428,7 +431,9 @@ class Relay:
         host = peer[0] if isinstance(peer, tuple) and isinstance(peer[0], str) else ""
         if allowlist.allows(tunnel.allow, host):
             return False
-        log.info("visitor %s refused by the allowlist of %s", visitor.peername, tunnel.host)
+        self.refusals.info(
+            "visitor %s refused by the allowlist of %s", visitor.peername, tunnel.host
+        )
         return True
 
     async def open_tcp_port(self, tunnel: RelayTunnel, port: int | None = None) -> None:
@@ -454,7 +459,9 @@ class Relay:
         try:
             message = await asyncio.wait_for(channel.receive(), FIRST_FRAME_TIMEOUT)
         except (TimeoutError, RemoteProtocolError, ConnectionError) as exc:
-            log.info("agent %s: no valid first frame: %s", channel.stream.peername, loggable(exc))
+            self.refusals.info(
+                "agent %s: no valid first frame: %s", channel.stream.peername, loggable(exc)
+            )
             if isinstance(exc, RemoteProtocolError):
                 channel.refuse(protocol.Error(code=protocol.CODE_PROTOCOL, message=str(exc)))
             else:
@@ -479,7 +486,7 @@ class Relay:
             held = sum(s.grant.token_id == token_id for s in self.registry.sessions.values())
             grant = self.admission.check_sessions(held) or grant
         if isinstance(grant, protocol.Error):
-            log.warning("agent %s refused: %s", stream.peername, loggable(grant.message))
+            self.refusals.warning("agent %s refused: %s", stream.peername, loggable(grant.message))
             channel.refuse(grant)
             return
         session = RelaySession(self, channel, grant, hello.workload)
@@ -514,7 +521,7 @@ class Relay:
         assert isinstance(attach, protocol.Attach)
         session = self.registry.sessions.get(attach.session)
         if session is None or not hmac.compare_digest(attach.key.encode(), session.key.encode()):
-            log.warning("data connection from %s refused: bad attach", stream.peername)
+            self.refusals.warning("data connection from %s refused: bad attach", stream.peername)
             channel.refuse(
                 protocol.Error(
                     code=protocol.CODE_BAD_ATTACH, message="unknown session or wrong key"
@@ -523,7 +530,9 @@ class Relay:
             return
         if channel.has_pending():
             # Bytes behind attach: the agent may not speak before bind.
-            log.warning("data connection from %s refused: spoke before bind", stream.peername)
+            self.refusals.warning(
+                "data connection from %s refused: spoke before bind", stream.peername
+            )
             stream.abort()
             return
         log.debug("data connection from %s attached to session %s", stream.peername, session.id)
