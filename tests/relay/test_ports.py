@@ -208,3 +208,18 @@ def test_each_worker_hands_out_its_own_share_of_the_range() -> None:
     ]  # fmt: skip
     assert set(shares[0].candidates()) == {20000, 20002, 20004, 20006}
     assert set(shares[1].candidates()) == {20001, 20003, 20005}
+
+
+async def test_a_token_keeps_no_more_ports_than_its_tunnel_limit() -> None:
+    # Opening and closing TCP tunnels in a loop must not hold the whole range for a token.
+    clock, host = Clock(), FakeHost()
+    ports = small_range(clock, high=21003)
+    for _ in range(4):
+        port, _ = await ports.bind(host.bind, owner="alice")
+        ports.release(port, "alice", keep=1)
+        clock.now += 1
+    assert [ports.held_for(port) for port in range(21000, 21004)] == [None, None, None, "alice"]
+    # Bob gets the longest freed; alice's last is still hers alone.
+    assert list(ports.candidates(owner="bob")) == [21000, 21001, 21002]
+    assert (await ports.bind(host.bind, owner="bob"))[0] == 21000
+    assert (await ports.bind(host.bind, 21003, owner="alice"))[0] == 21003

@@ -123,7 +123,7 @@ class TcpPorts:
         now = self.clock()
         for candidate, (_, freed_at) in list(self._freed.items()):
             if now - freed_at < self.grace:
-                break  # the rest were freed later still
+                continue  # still kept (a port let go early may come later in line)
             if candidate not in self._in_use:
                 yield candidate
 
@@ -163,10 +163,23 @@ class TcpPorts:
             )
         raise OSError(f"no free port found in the TCP range {self.low}-{self.high}: {last_error}")
 
-    def release(self, port: int, owner: str) -> None:
-        """``port`` is free again; keep it for the token ``owner`` for the grace period."""
+    def release(self, port: int, owner: str, *, keep: int | None = None) -> None:
+        """``port`` is free again; keep it for the token ``owner`` for the grace period.
+
+        ``owner`` keeps at most ``keep`` ports (its tunnel limit: no more than
+        its agent could ever take back at once); past that, its longest-kept
+        port is free for anyone at once, so that a token opening and closing
+        TCP tunnels cannot hold the whole range.
+        """
         if port not in self._in_use:
             return
         self._in_use.discard(port)
         self._freed.pop(port, None)
-        self._freed[port] = (owner, self.clock())
+        now = self.clock()
+        self._freed[port] = (owner, now)
+        if keep is None:
+            return
+        kept = [p for p, (o, at) in self._freed.items() if o == owner and now - at < self.grace]
+        for oldest in kept[: max(0, len(kept) - keep)]:
+            # As if freed a grace period ago; it keeps its place in line.
+            self._freed[oldest] = (owner, now - self.grace)

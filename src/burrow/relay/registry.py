@@ -222,7 +222,11 @@ class Registry:
             server.close()
         if tunnel.tcp_port is not None and self.ports is not None:
             # Kept for this token a while: its agent may come back for it with its claim.
-            self.ports.release(tunnel.tcp_port, session.grant.token_id)
+            # No more of them than the token may hold tunnels, however often it churns.
+            limit = self.quotas.max_tunnels
+            if session.grant.max_tunnels is not None:
+                limit = min(limit, session.grant.max_tunnels)
+            self.ports.release(tunnel.tcp_port, session.grant.token_id, keep=limit)
         if not keep_connections:
             for splice in list(tunnel.splices):
                 splice.close()
