@@ -18,13 +18,14 @@ RANGE_SIZE = 16
 
 
 def free_range(size: int) -> tuple[int, int]:
-    """``size`` consecutive ports free on 127.0.0.1 (high in the ephemeral-free zone)."""
-    for low in range(33000, 40000, size):
+    """``size`` consecutive ports free on 127.0.0.1, below the ephemeral range."""
+    for low in range(30000, 32768 - size, size):
         socks: list[socket.socket] = []
         try:
             for port in range(low, low + size):
                 sock = socket.socket()
                 socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's
                 sock.bind(("127.0.0.1", port))
         except OSError:
             continue
@@ -69,3 +70,38 @@ def kept_for(relay: RelayHarness, token: str) -> int:
 
     kept: int = relay.call(count())
     return kept
+
+
+def test_closing_and_reopening_a_claimed_name_is_rate_limited(tmp_path: Path) -> None:
+    """New tunnels count against the token's creation rate; names taken back with a
+    claim did not count at all, so a token closed and reopened one name about
+    3,700 times a second, each an unpublish, a publish and two lines in the
+    relay's log. Now a claim is free for a burst of twice the token's tunnel
+    limit (a reconnect, and another), then held to the creation rate."""
+    with run_relay(
+        tmp_path / "relay", tunnel_creations_per_second=1.0, tunnel_creation_burst=2
+    ) as relay:
+        churner = relay.mint("churner", max_tunnels=1)
+        with raw_session(relay, churner) as session:
+            opened = session.open(1)
+            claim = opened["claim"]
+            reopened = 0
+            for tunnel_id in range(2, 200):
+                session.control.send(type="close", id=tunnel_id - 1)
+                assert session.control.reply("closed", "error")["type"] == "closed"
+                answer = session.open(tunnel_id, claim=claim)
+                if answer["type"] != "opened":
+                    assert answer["code"] == "limit", answer
+                    assert "takes names back too fast" in answer["message"]
+                    break
+                assert answer["host"] == opened["host"]
+                reopened += 1
+            # The burst (2, or twice the token's limit of 1) and what one second refills.
+            assert reopened <= 4, f"{reopened} names taken back in a loop"
+        # A reconnecting agent still takes all its names back at once.
+        owner = relay.mint("owner", max_tunnels=2)
+        with raw_session(relay, owner) as lost:
+            claims = [lost.open(n)["claim"] for n in (1, 2)]  # the burst: 2
+        with raw_session(relay, owner) as back:
+            for n, claim in enumerate(claims, 1):
+                assert back.open(n, claim=claim)["type"] == "opened"

@@ -66,3 +66,14 @@ def test_buckets_still_refilling_are_kept() -> None:
     quotas.may_create("late", 1.0)
     assert len(quotas._rates) == 1101
     assert not quotas.may_create("t0", 1.0)  # its bucket was not reset by the sweep
+
+
+def test_names_taken_back_are_free_for_a_reconnect_or_two_then_rate_limited() -> None:
+    quotas = TokenQuotas(max_tunnels=10, creations_per_second=1, creation_burst=2)
+    # A token that may hold 3 tunnels takes them back twice at once...
+    assert all(quotas.may_reclaim("t", 0.0, 3) for _ in range(6))
+    # ...but not a seventh time, until the rate allows; its creations are apart.
+    assert not quotas.may_reclaim("t", 0.0, 3)
+    assert quotas.may_create("t", 0.0)
+    assert quotas.may_reclaim("t", 1.0, 3)
+    assert quotas.may_reclaim("u", 0.0, 3)

@@ -175,6 +175,14 @@ class Admission:
                 f"this token opens tunnels too fast: at most "
                 f"{config.tunnel_creations_per_second:g} a second",
             )
+        # Taking names back is free up to a reconnect or two, not in a loop: each
+        # is an unpublish, a publish, a TCP port bound again and lines in the log.
+        if claim is not None and not self.quotas.may_reclaim(token, now, limit):
+            return refuse(
+                protocol.CODE_LIMIT,
+                f"this token takes names back too fast: at most "
+                f"{config.tunnel_creations_per_second:g} a second, after a burst",
+            )
         if self.shutting_down:
             return refuse(protocol.CODE_SHUTTING_DOWN, "the relay is shutting down")
         try:

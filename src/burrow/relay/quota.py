@@ -48,16 +48,35 @@ class TokenQuotas:
     creation_burst: int
     held: dict[str, int] = field(default_factory=dict)
     _rates: dict[str, RateLimit] = field(default_factory=dict)
+    _reclaims: dict[str, RateLimit] = field(default_factory=dict)
 
     def may_create(self, token_id: str, now: float) -> bool:
         """Count one tunnel creation for ``token_id`` if its rate allows it."""
-        rate = self._rates.get(token_id)
+        return self._bucket(self._rates, token_id, now, self.creation_burst).allow(now)
+
+    def may_reclaim(self, token_id: str, now: float, limit: int) -> bool:
+        """Count one name taken back with a claim if ``token_id``'s rate allows it.
+
+        A reconnecting agent takes all its tunnels back at once, so the burst
+        is twice the token's tunnel ``limit`` (a reconnect, and another soon
+        after): only a token that closes and reopens its names in a loop is
+        held to the creation rate.
+        """
+        burst = max(self.creation_burst, 2 * limit)
+        return self._bucket(self._reclaims, token_id, now, burst).allow(now)
+
+    def _bucket(
+        self, buckets: dict[str, RateLimit], token_id: str, now: float, burst: int
+    ) -> RateLimit:
+        rate = buckets.get(token_id)
         if rate is None:
-            if len(self._rates) > 4 * len(self.held) + 1024:
+            if len(buckets) > 4 * len(self.held) + 1024:
                 # Forget buckets that have refilled: they would allow the same.
-                self._rates = {k: r for k, r in self._rates.items() if not r.full(now)}
-            rate = self._rates[token_id] = RateLimit(self.creations_per_second, self.creation_burst)
-        return rate.allow(now)
+                full = [k for k, r in buckets.items() if r.full(now)]
+                for k in full:
+                    del buckets[k]
+            rate = buckets[token_id] = RateLimit(self.creations_per_second, burst)
+        return rate
 
     def holds(self, token_id: str) -> int:
         return self.held.get(token_id, 0)
