@@ -6,12 +6,19 @@ check that the other tenant is still served.
 from __future__ import annotations
 
 import socket
+import ssl
+import time
 from pathlib import Path
 
-from e2e.test_relay_security import raw_session
-from harness import RelayHarness, run_relay
+import pytest
+from backends import http_server
+from e2e.test_relay_security import TIMEOUT, assert_serves, raw_session
+from harness import DOMAIN, RelayHarness, run_relay
 
+import burrow
 from burrow import tokens
+from burrow.relay.server import FIRST_FRAME_TIMEOUT
+from burrow.wire import protocol
 
 # A small TCP range, so that a token could hold all of it in a few round trips.
 RANGE_SIZE = 16
@@ -105,3 +112,57 @@ def test_closing_and_reopening_a_claimed_name_is_rate_limited(tmp_path: Path) ->
         with raw_session(relay, owner) as back:
             for n, claim in enumerate(claims, 1):
                 assert back.open(n, claim=claim)["type"] == "opened"
+
+
+# Agent connections from one address that finish TLS and then say nothing.
+SILENT_AGENTS = 40
+PER_SOURCE = 8
+
+
+@pytest.mark.parametrize("alpn", [protocol.ALPN_CONTROL, protocol.ALPN_DATA])
+def test_agent_connections_that_never_speak_count_against_the_handshake_caps(
+    tmp_path: Path, alpn: str
+) -> None:
+    """Finishing the TLS handshake took a connection off the caps on unfinished
+    handshakes; with an agent's ALPN id and no first frame, anyone held it for
+    FIRST_FRAME_TIMEOUT (10 s) with no cap at all: 4,000 from one address in
+    4 s held 4,000 descriptors and 96 MiB of a relay process. Now such a
+    connection counts as unfinished until its first frame: past the
+    per-source cap, that source's oldest goes."""
+    assert TIMEOUT / 2 < FIRST_FRAME_TIMEOUT  # a close seen here is the cap's, not the timeout's
+    with run_relay(tmp_path / "relay", max_pending_handshakes_per_source=PER_SOURCE) as relay:
+        context = ssl.create_default_context(cafile=str(relay.ca))
+        context.set_alpn_protocols([alpn])
+        silent: list[ssl.SSLSocket] = []
+        try:
+            for _ in range(SILENT_AGENTS):
+                raw = socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT / 2)
+                silent.append(context.wrap_socket(raw, server_hostname=DOMAIN))
+            # All within half the first-frame timeout of the flood's start.
+            deadline = time.monotonic() + TIMEOUT / 2
+            closed = sum(
+                closed_by_relay(sock, deadline) for sock in silent[: SILENT_AGENTS - PER_SOURCE]
+            )
+            assert closed == SILENT_AGENTS - PER_SOURCE, f"{closed} of the oldest closed"
+            # A real agent from the same address still gets in, and serves.
+            with (
+                http_server(marker="hunt-served") as server,
+                burrow.forward(server.port, client=relay.client()) as tunnel,
+            ):
+                assert_serves(relay, tunnel, "hunt-served")
+        finally:
+            for sock in silent:
+                sock.close()
+
+
+def closed_by_relay(sock: ssl.SSLSocket, deadline: float) -> bool:
+    """Whether the relay closes ``sock`` before ``deadline`` (monotonic) without a word."""
+    sock.settimeout(max(0.01, deadline - time.monotonic()))
+    try:
+        while True:
+            if not sock.recv(4096):
+                return True
+    except (ConnectionResetError, ssl.SSLError):
+        return True
+    except TimeoutError:
+        return False

@@ -325,8 +325,13 @@ class Relay:
         return None
 
     def _on_handshake(self, stream: TlsStream, exc: BaseException | None) -> None:
-        """The TLS handshake is done: a visitor of a tunnel, an agent, or a 404."""
-        self._handshaking.discard(stream)
+        """The TLS handshake is done: a visitor of a tunnel, an agent, or a 404.
+
+        An agent's connection stays with the unfinished handshakes (their caps,
+        in total and per source) until its first frame: until then it is anyone's.
+        """
+        if exc is not None or stream.alpn not in (protocol.ALPN_CONTROL, protocol.ALPN_DATA):
+            self._handshaking.discard(stream)
         if exc is not None:
             log.debug("TLS handshake from %s failed: %s", stream.peername, loggable(exc))
             return
@@ -335,6 +340,7 @@ class Relay:
         label = names.label_of(name, self.domain) if name and name != self.domain else None
         tunnel = self.registry.routes.get(label) if label else None
         if tunnel is not None:
+            self._handshaking.discard(stream)
             if self._refused_by_allowlist(tunnel, stream):
                 stream.resume_reading()
                 if stream.alpn != "h2":  # an HTTP/1.1 answer would be garbage to h2
@@ -459,6 +465,7 @@ class Relay:
         try:
             message = await asyncio.wait_for(channel.receive(), FIRST_FRAME_TIMEOUT)
         except (TimeoutError, RemoteProtocolError, ConnectionError) as exc:
+            self._handshook(channel.stream)
             self.refusals.info(
                 "agent %s: no valid first frame: %s", channel.stream.peername, loggable(exc)
             )
@@ -467,9 +474,15 @@ class Relay:
             else:
                 channel.close()
             return None
+        self._handshook(channel.stream)
         if message is None:  # closed (or close_notify) before saying anything
             channel.close()
         return message
+
+    def _handshook(self, stream: Stream) -> None:
+        """An agent's connection has said its first frame (or is over): off the caps."""
+        if isinstance(stream, TlsStream):
+            self._handshaking.discard(stream)
 
     async def _serve_control(self, stream: TlsStream) -> None:
         """An agent's control connection: admit it with ``hello``, then serve its session."""
