@@ -24,6 +24,7 @@ import pytest
 from devrelay import DevRelay
 from launchers import Launched, LaunchFactory
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
@@ -159,8 +160,12 @@ def browser(relay: DevRelay, tmp_path: Path) -> Iterator[WebDriver]:
 
 def _screen(driver: WebDriver) -> list[str]:
     """The terminal's rendered rows, as the DOM renderer draws them."""
-    rows = driver.find_elements(By.CSS_SELECTOR, ".xterm-rows > div")
-    return [(row.get_attribute("textContent") or "").rstrip() for row in rows]
+    while True:
+        rows = driver.find_elements(By.CSS_SELECTOR, ".xterm-rows > div")
+        try:
+            return [(row.get_attribute("textContent") or "").rstrip() for row in rows]
+        except StaleElementReferenceException:
+            continue  # xterm.js redrew its rows while we read them: read them again
 
 
 def _wait(driver: WebDriver, what: str, predicate: Callable[[WebDriver], bool]) -> None:
@@ -190,6 +195,9 @@ def test_browser_types_a_command_and_reads_the_answer(
         assert cookies[COOKIE]["httpOnly"] and cookies[COOKIE]["secure"]
         assert cookies[COOKIE]["sameSite"] == "Lax"
         _wait(driver, "the WebSocket", lambda d: _state(d) == "connected")
+        # Typed before the shell's first prompt, the command's echo and its
+        # answer would share a row with that prompt.
+        _wait(driver, "the shell's prompt", lambda d: any(_screen(d)))
 
         _type(driver, "echo $((6*7))\n")
         _wait(driver, "42 on the screen", lambda d: "42" in _screen(d))
