@@ -223,6 +223,15 @@ main.add_command(launch)  # burrow launch jupyter|shell: src/burrow/launch/
     "changes, and the sessions of a newly revoked token end.",
 )
 @click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Where the relay keeps what outlives it: the claim secret that brings agents "
+    "their names back after a restart or a new TLS key (back it up), and ACME state. "
+    "Created (mode 0700) if missing.",
+)
+@click.option(
     "--listen",
     multiple=True,
     default=["0.0.0.0:443", "[::]:443"],
@@ -260,6 +269,7 @@ def relay(
     key: Path,
     token_key: Path,
     revoked_tokens: Path | None,
+    state_dir: Path | None,
     listen: tuple[str, ...],
     public_port: int | None,
     tcp_ports: tuple[int, int],
@@ -285,6 +295,7 @@ def relay(
             key=key,
             public_key=token_key,
             revoked_tokens=revoked_tokens,
+            state_dir=state_dir,
             listen=tuple(names.parse_address(item, 443) for item in listen),
             public_port=public_port,
             tcp_ports=tcp_ports,

@@ -150,5 +150,11 @@ class RelayConfig:
     """Text file of revoked token ids (the JWT ``jti``), one a line, ``#`` comments;
     re-read when it changes, and the sessions of a newly revoked token end."""
 
+    state_dir: Path | None = None
+    """Where the relay keeps what must outlive it: the claim secret (``claim-secret``,
+    mode 0600) and, with ``--auto-cert``, the ACME account and certificate. Without
+    one, claims are signed with a secret derived from ``key`` and held in memory only,
+    so a restart with a new TLS key loses them."""
+
     extra: dict[str, str] = field(default_factory=dict)
     """Free-form labels shown in logs."""
