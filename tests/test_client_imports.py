@@ -20,7 +20,8 @@ from burrow.net.devca import ensure_dev_certificates
 REPO = Path(__file__).resolve().parents[1]
 
 # Modules the client must never load: the relay, its token checks (PyJWT and
-# the cryptography it needs), the dev CA, and the relay's ClientHello parser.
+# the cryptography it needs), the dev CA, the relay's ClientHello parser, and
+# the relay's ACME client.
 FORBIDDEN = (
     "burrow.relay",
     "burrow.tokens",
@@ -28,6 +29,8 @@ FORBIDDEN = (
     "burrow.wire.clienthello",
     "jwt",
     "cryptography",
+    "acme",
+    "josepy",
 )
 
 PROBE = """
