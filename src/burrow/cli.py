@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from burrow import configfile
 from burrow.env import DEV_PORT
 from burrow.exception import Error
 from burrow.launch.cli import launch
@@ -92,6 +93,9 @@ class _Range(click.ParamType):  # type: ignore[type-arg]
         if isinstance(value, tuple):
             return value
         return _parse_range(str(value))
+
+    def to_text(self, value: tuple[int, int]) -> str:  # configfile.Formats
+        return f"{value[0]}-{value[1]}"
 
 
 _log_level_option = click.option(
@@ -198,6 +202,7 @@ main.add_command(launch)  # burrow launch jupyter|shell: src/burrow/launch/
 
 
 @main.command()
+@configfile.options  # --config FILE (every option below is a key) and --check-config
 @click.option("--domain", required=True, help="The relay's name; tunnels are <label>.DOMAIN.")
 @click.option(
     "--cert",
@@ -312,6 +317,9 @@ def relay(
             max_sessions_per_token=max_sessions_per_token,
             tunnel_creations_per_second=tunnel_rate,
         )
+        if configfile.checking():  # --check-config: valid, so show it and start nothing
+            click.echo(configfile.effective_settings(click.get_current_context()))
+            return
         process.run_relay(config, workers=workers)
     except (Error, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
