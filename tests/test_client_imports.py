@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Modules the client must never load: the relay, its token checks (PyJWT and
 # the cryptography it needs), the dev CA, the relay's ClientHello parser, and
-# the relay's ACME client.
+# the relay's ACME client and DNS library (dnspython).
 FORBIDDEN = (
     "burrow.relay",
     "burrow.tokens",
@@ -31,6 +31,7 @@ FORBIDDEN = (
     "cryptography",
     "acme",
     "josepy",
+    "dns",
 )
 
 PROBE = """

@@ -74,6 +74,14 @@ MAX_PENDING_HANDSHAKES: Final = 8192
 # once from one address is far beyond what they have in flight.
 MAX_PENDING_HANDSHAKES_PER_SOURCE: Final = 256
 
+# UDP queries answered per second from one source (an IPv4 address or an IPv6
+# /64) by the relay's DNS zone, and the burst allowed above that rate. A
+# resolver caches answers (relay/dns.py's TTL), so even a large one asks a few
+# questions a second (one per new tunnel name and type); a source far above
+# this is a spoofed flood bouncing answers off the relay at the address it fakes.
+DNS_RATE_PER_SOURCE: Final = 50.0
+DNS_BURST_PER_SOURCE: Final = 100
+
 
 @dataclass(frozen=True)
 class RelayConfig:
@@ -155,6 +163,29 @@ class RelayConfig:
     mode 0600) and, with ``--auto-cert``, the ACME account and certificate. Without
     one, claims are signed with a secret derived from ``key`` and held in memory only,
     so a restart with a new TLS key loses them."""
+
+    public_ips: tuple[str, ...] = ()
+    """The relay's public addresses (IPv4 and IPv6): what its DNS zone answers for
+    ``domain``, ``ns1.<domain>`` and every ``*.<domain>``."""
+
+    dns_listen: tuple[tuple[str, int], ...] = ()
+    """(host, port) pairs where the relay answers DNS for ``domain``, over UDP and TCP
+    on each; empty: no DNS."""
+
+    dns_only_acme: bool = False
+    """Answer only ``_acme-challenge.<domain>`` (for an operator whose zone lives at
+    another DNS server and who delegates just that name); refuse the rest."""
+
+    dns_caa: str | None = None
+    """The CA's domain (``letsencrypt.org``) for a CAA record at ``domain`` that lets
+    only that CA issue; the ACME client adds its account (RFC 8657) when it knows it."""
+
+    dns_rate: float = DNS_RATE_PER_SOURCE
+    """UDP queries answered per second from one source (IPv6: /64); past it and its
+    burst, every other query gets an empty truncated answer and the rest none."""
+
+    dns_burst: int = DNS_BURST_PER_SOURCE
+    """UDP queries one source may send at once before ``dns_rate`` applies."""
 
     extra: dict[str, str] = field(default_factory=dict)
     """Free-form labels shown in logs."""

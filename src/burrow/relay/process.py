@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from burrow.net.loopthread import LoopThread
 from burrow.relay.config import RelayConfig
+from burrow.relay.dnsserver import DnsServer, bind_dns, dns_zone, start_dns
 from burrow.relay.server import LISTEN_BACKLOG, Relay
 from burrow.relay.workers import Worker, bind_listeners, run_workers
 
@@ -133,19 +134,30 @@ def run_relay(
     sockets. ``loopback`` listens as :func:`start_loopback` does (``burrow dev``).
     """
     quiet_bad_server_names()
+    # One zone per relay, made here so that the ACME client can publish in it.
+    zone = dns_zone(config)
     if workers == 1:
 
         async def main() -> None:
-            relay = await (start_loopback(config) if loopback else Relay.start(config))
+            dns = await start_dns(config, zone=zone)
+            try:
+                relay = await (start_loopback(config) if loopback else Relay.start(config))
 
-            def started() -> None:
-                if on_started is not None:
-                    on_started(relay.public_port, relay.listening)
+                def started() -> None:
+                    if on_started is not None:
+                        on_started(relay.public_port, relay.listening)
 
-            await serve(relay, started)
+                await serve(relay, started)
+            finally:
+                if dns is not None:
+                    await dns.close()
 
         run(main)
         return
+    # DNS runs once, in worker 0, on sockets bound here: a zone and its rate
+    # limits are one per relay, and the supervisor runs no event loop while
+    # it forks workers again when they exit. A restarted worker 0 finds them open.
+    dns_sockets = bind_dns(config.dns_listen) if zone is not None else []
     if loopback:
         sockets = bind_loopback(config)
     else:
@@ -161,8 +173,17 @@ def run_relay(
                 )
             )
 
+        if worker.index != 0:
+            for sock in dns_sockets:
+                sock.close()
+
         async def main() -> None:
-            await serve(await Relay.start(config, worker=worker, sockets=sockets))
+            dns = await start_dns(config, dns_sockets, zone) if worker.index == 0 else None
+            try:
+                await serve(await Relay.start(config, worker=worker, sockets=sockets))
+            finally:
+                if dns is not None:
+                    await dns.close()
 
         run(main)
 
@@ -180,17 +201,27 @@ class RelayThread:
         self.config = config
         self._thread = LoopThread(name)
         self._relay: Relay | None = None
+        self._dns: DnsServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, timeout: float = 30) -> Relay:
         """Start the loop and the relay on it; the relay's start-up errors are raised here."""
         self._loop = self._thread.loop
         try:
+            self._dns = self._thread.run(start_dns(self.config), timeout)
             self._relay = self._thread.run(Relay.start(self.config), timeout)
         except BaseException:
+            if self._dns is not None:
+                self._thread.run(self._dns.close(), timeout)
+                self._dns = None
             self._thread.stop(timeout)
             raise
         return self._relay
+
+    @property
+    def dns(self) -> DnsServer | None:
+        """The relay's DNS server (``config.dns_listen``); its zone is ``dns.zone``."""
+        return self._dns
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -212,4 +243,7 @@ class RelayThread:
         if self._relay is not None:
             self._thread.run(self._relay.close(), timeout)
             self._relay = None
+        if self._dns is not None:
+            self._thread.run(self._dns.close(), timeout)
+            self._dns = None
         self._thread.stop(timeout)
