@@ -170,4 +170,3 @@ def test_a_relay_runs_from_a_config_file_and_drains_on_sigterm(tmp_path: Path, m
             proc.wait()
     assert "SIGTERM: draining for up to 5s" in log.read_text()
     assert "Traceback" not in log.read_text()
-    assert (tmp_path / "state").is_dir()
