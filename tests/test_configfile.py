@@ -6,6 +6,7 @@ from burrow.cli, never run.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import click
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 from burrow import cli, configfile
 
@@ -254,3 +257,50 @@ def test_a_flag_takes_a_boolean_only(tmp_path: Path) -> None:
     result = CliRunner().invoke(toy, ["--config", str(path)])
     assert result.exit_code == 2
     assert f"{path}, line 2: verbose: must be true or false, not a string" in result.output
+
+
+# -- key_lines against tomllib, on generated documents ---------------------------
+
+_KEYS = st.text(alphabet="abcxyz-_0.\" '=#[]\n\\", min_size=1, max_size=8)
+_VALUES = st.recursive(
+    st.integers() | st.booleans() | st.text(alphabet="ab=#[]{}\"'\\\n .", max_size=12),
+    lambda inner: st.lists(inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def _toml_value(value: Any, style: int) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        sep = ",\n  # a comment, with x = 1\n  " if style % 2 else ", "
+        return "[" + sep.join(_toml_value(item, style) for item in value) + "]"
+    if style % 3 == 0 and "'''" not in value and "'" not in value[-1:]:
+        return "'''\n" + value + "'''"  # multi-line literal: its lines are not keys
+    if style % 3 == 1:
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return '"""\n' + escaped + '"""'
+    return configfile._toml_string(value)
+
+
+def _toml_key(key: str) -> str:
+    if re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        return key
+    return configfile._toml_string(key)
+
+
+@given(st.dictionaries(_KEYS, st.tuples(_VALUES, st.integers(0, 5), st.integers(0, 2)), max_size=6))
+def test_key_lines_finds_the_line_of_every_key_of_a_generated_document(
+    document: dict[str, tuple[Any, int, int]],
+) -> None:
+    lines: list[str] = ["# generated"]
+    expected: dict[tuple[str, ...], int] = {}
+    for key, (value, style, blank) in document.items():
+        lines.extend([""] * blank)
+        expected[(key,)] = sum(line.count("\n") + 1 for line in lines) + 1
+        lines.append(f"{_toml_key(key)} = {_toml_value(value, style)}  # x = 2")
+    text = "\n".join(lines) + "\n"
+    assert tomllib.loads(text).keys() == document.keys()
+    assert configfile.key_lines(text) == expected
