@@ -7,6 +7,8 @@ from burrow.cli, never run.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,14 @@ def test_the_relay_accepts_a_file_with_its_every_default_written_back() -> None:
     assert document["tcp-ports"] == "20000-29999"
     assert values["tcp_ports"] == "20000-29999"
     assert "# public-port is not set (default)" in text.splitlines()
+
+
+def test_the_command_line_loads_tomllib_only_when_a_file_is_read() -> None:
+    probe = "import sys, burrow.cli; print('tomllib' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "False"
 
 
 # -- lines ----------------------------------------------------------------------
