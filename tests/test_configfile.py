@@ -1,7 +1,8 @@
 """burrow.configfile: keys from click options, where each key is, what is wrong and where.
 
-Pure: documents are parsed in memory and commands are built here or taken
-from burrow.cli, never run.
+Documents are parsed in memory, and commands are built here or taken from
+burrow.cli and run in process (CliRunner); one test imports burrow.cli in a
+fresh interpreter.
 """
 
 from __future__ import annotations
