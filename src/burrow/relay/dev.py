@@ -82,6 +82,8 @@ def prepare(
         listen=(("127.0.0.1", port), ("::1", port)),
         tcp_ports=tcp_ports,
         plain_data_listen=("127.0.0.1", 0) if plain_data else None,
+        # The claim secret too: the dev certificate's key is replaced when it renews.
+        state_dir=state_dir,
     )
     token = tokens.mint(key, subject="dev", ttl_seconds=DEV_TOKEN_TTL)
     return DevRelay(config=config, state_dir=state_dir, ca=certs.ca_cert, token=token)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from burrow.net.loopthread import LoopThread
+from burrow.relay import claimsecret
 from burrow.relay.config import RelayConfig
 from burrow.relay.dnsserver import DnsServer, bind_dns, dns_zone, start_dns
 from burrow.relay.server import LISTEN_BACKLOG, Relay
@@ -158,6 +159,8 @@ def run_relay(
     # limits are one per relay, and the supervisor runs no event loop while
     # it forks workers again when they exit. A restarted worker 0 finds them open.
     dns_sockets = bind_dns(config.dns_listen) if zone is not None else []
+    # Made once, before the fork: every worker must sign and check claims alike.
+    claimsecret.load_or_create(config.state_dir, config.key)
     if loopback:
         sockets = bind_loopback(config)
     else:

@@ -22,16 +22,18 @@ import os
 import socket
 import ssl
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Final
 
 from burrow import tokens
 from burrow.exception import ConnectionError, RemoteProtocolError
-from burrow.net import tls
 from burrow.net.channel import Channel
 from burrow.net.splice import Splice, join
 from burrow.net.stream import Stream, TlsStream
 from burrow.net.tasks import TaskSet
+from burrow.relay import certs, claimsecret
 from burrow.relay.admission import Admission
+from burrow.relay.certs import CertificateFiles, TlsContexts
 from burrow.relay.claims import ClaimSigner
 from burrow.relay.config import POOL_WAIT_SECONDS, RelayConfig
 from burrow.relay.handshakes import Handshakes
@@ -85,9 +87,6 @@ FIRST_FRAME_TIMEOUT: Final = 10.0
 # one-second retransmit); the kernel caps it at net.core.somaxconn anyway.
 LISTEN_BACKLOG: Final = 4096
 
-ALPN_VISITOR: Final = ("http/1.1",)
-ALPN_VISITOR_H2: Final = ("h2", "http/1.1")
-
 
 class Relay:
     """A running relay. Use ``await Relay.start(config)`` and ``await relay.close()``.
@@ -114,12 +113,12 @@ class Relay:
             config.max_pending_handshakes, config.max_pending_handshakes_per_source
         )
 
-        self._agent_context = tls.server_context(
-            config.cert, config.key, [protocol.ALPN_CONTROL, protocol.ALPN_DATA]
+        # The TLS contexts in use, one object: a new certificate replaces it whole
+        # (use_certificate), and _new_public_stream and _pick_context read it.
+        self._tls: TlsContexts = certs.load(
+            config.cert, config.key, self.domain, self._pick_context, strict=False
         )
-        self._visitor_context = tls.server_context(config.cert, config.key, ALPN_VISITOR)
-        self._visitor_h2_context = tls.server_context(config.cert, config.key, ALPN_VISITOR_H2)
-        self._agent_context.sni_callback = self._pick_context
+        self._cert_files = CertificateFiles(config.cert, config.key, self._load_certificate)
 
         quotas = TokenQuotas(
             config.max_tunnels_per_token,
@@ -135,7 +134,8 @@ class Relay:
         self.registry = Registry(
             self.domain, quotas, worker_index=index, worker_count=count, ports=self.tcp_ports
         )
-        self.claims = ClaimSigner(config.key.read_bytes())
+        # Not the TLS key: a renewal with a new key must not void the claims agents hold.
+        self.claims = ClaimSigner(claimsecret.load_or_create(config.state_dir, config.key))
         self.admission = Admission(
             config,
             public_key,
@@ -176,6 +176,7 @@ class Relay:
         if not self.public_port:
             self.public_port = self.bound_port
         self._tasks.spawn(self._sweep_sessions())
+        self._tasks.spawn(self._watch_certificate())
         if self.worker is not None:
             loop.add_reader(self.worker.inbox.fileno(), self._adopt_handed_off)
         if self.config.plain_data_listen is not None:
@@ -279,7 +280,7 @@ class Relay:
     def _new_public_stream(self, prelude: bytes = b"") -> TlsStream:
         routing = self.worker is not None and self.worker.count > 1 and not prelude
         stream = TlsStream(
-            self._agent_context,
+            self._tls.agent,
             server_side=True,
             on_handshake=self._on_handshake,
             handshake_timeout=self.config.handshake_timeout,
@@ -306,22 +307,26 @@ class Relay:
     def _pick_context(
         self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
     ) -> int | None:
-        """SNI callback: our own name keeps the agent context; a label gets a visitor one."""
+        """SNI callback: our own name keeps the agent context; a label gets a visitor one.
+
+        Always the contexts in use now: a connection accepted before a new
+        certificate came, whose ClientHello comes after, gets the new one.
+        """
         name = names.server_name(server_name)
         if name is None:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         ssl_object.burrow_server_name = name  # type: ignore[attr-defined]
-        if name == self.domain:
-            return None
-        label = names.label_of(name, self.domain)
-        if label is None:
+        contexts = self._tls
+        label = None if name == self.domain else names.label_of(name, self.domain)
+        if label is None and name != self.domain:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-        tunnel = self.registry.routes.get(label)
-        if tunnel is None:
-            # Not a tunnel: an agent naming its session so that the relay's workers
-            # can route it (see _on_handshake), or a visitor who will get a 404.
-            return None
-        ssl_object.context = self._visitor_h2_context if tunnel.h2 else self._visitor_context
+        # A label that is no tunnel: an agent naming its session so that the relay's
+        # workers can route it (see _on_handshake), or a visitor who will get a 404.
+        tunnel = None if label is None else self.registry.routes.get(label)
+        if tunnel is not None:
+            ssl_object.context = contexts.visitor_h2 if tunnel.h2 else contexts.visitor
+        elif context is not contexts.agent:
+            ssl_object.context = contexts.agent
         return None
 
     def _on_handshake(self, stream: TlsStream, exc: BaseException | None) -> None:
@@ -557,6 +562,61 @@ class Relay:
             self._tasks.spawn(self._serve_data(stream))
 
         return Stream(on_connected=connected)
+
+    # -- the certificate ------------------------------------------------------
+
+    @property
+    def certificate(self) -> certs.Certificate:
+        """The certificate new handshakes get."""
+        return self._tls.certificate
+
+    def use_certificate(self, cert: Path, key: Path) -> certs.Certificate:
+        """Serve ``cert`` (PEM chain, leaf first) with ``key`` from the next handshake on.
+
+        The install API for new certificates (ACME, or anyone else). Both files
+        are read and checked: the key must be the certificate's, which must
+        cover ``<domain>`` and ``*.<domain>`` and be valid now. Then the relay's
+        TLS contexts are replaced in one step; connections in flight keep the
+        TLS state they have. From then on these two paths are the ones watched
+        for changes (every ``CERT_CHECK_SECONDS``). A pair that fails is
+        refused with one warning line in the log, the certificate in use stays,
+        and :class:`~burrow.relay.certs.CertificateError` (an ``InvalidError``)
+        is raised. Synchronous, a few milliseconds; call it on the relay's
+        event loop (from another thread, through ``loop.call_soon_threadsafe``).
+        This process only: other workers see the change through their own
+        watch of the files, so write the new pair to the watched paths.
+        """
+        try:
+            contexts = self._load_certificate(cert, key)
+        except certs.CertificateError as exc:
+            log.warning("refused the new certificate, still serving the last good one: %s", exc)
+            raise
+        self._cert_files.follow(cert, key)
+        self._swap(contexts)
+        return contexts.certificate
+
+    def check_certificate_files(self) -> None:
+        """Serve the certificate and key files anew if they were replaced and pass the checks."""
+        contexts = self._cert_files.poll()
+        if contexts is not None:
+            self._swap(contexts)
+
+    def _load_certificate(self, cert: Path, key: Path) -> TlsContexts:
+        return certs.load(cert, key, self.domain, self._pick_context)
+
+    def _swap(self, contexts: TlsContexts) -> None:
+        old, self._tls = self._tls, contexts
+        log.info(
+            "TLS certificate %s in use for new handshakes: %s (was serial %x)",
+            contexts.cert,
+            contexts.certificate.describe(),
+            old.certificate.serial,
+        )
+
+    async def _watch_certificate(self) -> None:
+        while True:
+            await asyncio.sleep(certs.CERT_CHECK_SECONDS)
+            self.check_certificate_files()
 
     # -- revoked tokens -------------------------------------------------------
 
