@@ -1,13 +1,14 @@
 """Claims: the relay's signed proof that a tunnel's names belong to a token.
 
 A reconnecting agent shows a claim to get its label and TCP port back. The
-relay signs claims with its own TLS key as the HMAC key, which a
-restarted relay (and every worker) has: no state has to survive a restart.
-Sans-IO: key bytes in, strings out.
+relay signs claims with its claim secret (:mod:`~burrow.relay.claimsecret`),
+which a restarted relay (and every worker) has and a new TLS key does not
+change. Sans-IO: key bytes in, strings out.
 
 A claim reads ``<label>.<tcp port or 0>.<mac>``, the mac being the first
-:data:`CLAIM_MAC_HEX` hex digits of HMAC-SHA256 keyed with the relay's TLS
-key file (its PEM bytes) over ``burrow claims v1<label>.<tcp port or 0>.<token id>``.
+:data:`CLAIM_MAC_HEX` hex digits of HMAC-SHA256 keyed with the claim secret
+(first the relay's TLS key file, its PEM bytes, which signs alike) over
+``burrow claims v1<label>.<tcp port or 0>.<token id>``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Claim:
 
 
 class ClaimSigner:
-    """Signs and checks claims with ``secret`` (the bytes of the relay's TLS key file)."""
+    """Signs and checks claims with ``secret`` (the relay's claim secret)."""
 
     def __init__(self, secret: bytes) -> None:
         self._key = hmac.new(secret, CLAIM_KEY_CONTEXT, hashlib.sha256)
