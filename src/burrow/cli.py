@@ -23,6 +23,7 @@ from burrow.exception import Error
 from burrow.launch.cli import launch
 from burrow.net.limits import raise_open_file_limit
 from burrow.relay.config import (
+    DNS_RATE_PER_SOURCE,
     DRAIN_TIMEOUT,
     HANDSHAKE_TIMEOUT,
     HEARTBEAT_INTERVAL,
@@ -260,6 +261,43 @@ main.add_command(launch)  # burrow launch jupyter|shell: src/burrow/launch/
     help="Also take data connections WITHOUT TLS here. Trusted networks only: "
     "visitor bytes and session keys cross it in the clear.",
 )
+@click.option(
+    "--public-ip",
+    multiple=True,
+    metavar="ADDR",
+    help="The relay's public address (IPv4 or IPv6; repeat for both), which its DNS "
+    "zone gives for DOMAIN, ns1.DOMAIN and *.DOMAIN. Turns the DNS server on.",
+)
+@click.option(
+    "--dns-listen",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Answer DNS for DOMAIN here, over UDP and TCP; repeat for several. Turns the "
+    "DNS server on. [default with --public-ip or --dns-only-acme: port 53 on each "
+    "--listen host]",
+)
+@click.option(
+    "--dns-only-acme",
+    is_flag=True,
+    default=False,
+    help="Answer only _acme-challenge.DOMAIN (when DOMAIN's zone lives elsewhere and "
+    "delegates just that name here); refuse the rest. Turns the DNS server on.",
+)
+@click.option(
+    "--dns-caa",
+    default=None,
+    metavar="CA-DOMAIN",
+    help="Publish CAA at DOMAIN so that only this CA may issue certificates for it "
+    "(letsencrypt.org, RFC 8659).",
+)
+@click.option(
+    "--dns-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DNS_RATE_PER_SOURCE,
+    show_default=True,
+    help="UDP queries answered per second per source address (IPv6: /64), after a "
+    "burst of twice that; beyond it every other query gets an empty truncated answer.",
+)
 @_handshake_options
 @_heartbeat_option
 @_drain_option
@@ -280,6 +318,11 @@ def relay(
     tcp_ports: tuple[int, int],
     tcp_host: str | None,
     plain_data_listen: str | None,
+    public_ip: tuple[str, ...],
+    dns_listen: tuple[str, ...],
+    dns_only_acme: bool,
+    dns_caa: str | None,
+    dns_rate: float,
     handshake_timeout: float,
     max_pending_handshakes: int,
     max_pending_handshakes_per_source: int,
@@ -308,6 +351,7 @@ def relay(
             plain_data_listen=(
                 names.parse_address(plain_data_listen, 0) if plain_data_listen else None
             ),
+            **_dns_settings(listen, public_ip, dns_listen, dns_only_acme, dns_caa, dns_rate),
             handshake_timeout=handshake_timeout,
             max_pending_handshakes=max_pending_handshakes,
             max_pending_handshakes_per_source=max_pending_handshakes_per_source,
@@ -323,6 +367,48 @@ def relay(
         process.run_relay(config, workers=workers)
     except (Error, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _dns_settings(
+    listen: tuple[str, ...],
+    public_ips: tuple[str, ...],
+    dns_listen: tuple[str, ...],
+    only_acme: bool,
+    caa: str | None,
+    rate: float,
+) -> dict[str, Any]:
+    """The relay's DNS settings: on when --public-ip, --dns-listen or --dns-only-acme
+    is given, listening by default on port 53 of each --listen host."""
+    import ipaddress
+
+    from burrow.relay.dns import MAX_ADDRESSES_PER_FAMILY
+
+    versions = []
+    for text in public_ips:
+        try:
+            versions.append(ipaddress.ip_address(text).version)
+        except ValueError:
+            raise click.BadParameter(
+                f"{text!r} is not an IP address", param_hint="--public-ip"
+            ) from None
+    if max(versions.count(4), versions.count(6)) > MAX_ADDRESSES_PER_FAMILY:
+        raise click.BadParameter(
+            f"at most {MAX_ADDRESSES_PER_FAMILY} of each family", param_hint="--public-ip"
+        )
+    if dns_listen:
+        addresses = [names.parse_address(item, 53) for item in dns_listen]
+    elif public_ips or only_acme:
+        addresses = [(host, 53) for host, _ in (names.parse_address(i, 443) for i in listen)]
+    else:
+        addresses = []
+    return {
+        "public_ips": public_ips,
+        "dns_listen": tuple(dict.fromkeys(addresses)),
+        "dns_only_acme": only_acme,
+        "dns_caa": caa,
+        "dns_rate": rate,
+        "dns_burst": max(1, round(2 * rate)),
+    }
 
 
 # -- dev ----------------------------------------------------------------------

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from burrow.relay.config import RelayConfig
 from burrow.relay.dns import TCP_MAX_MESSAGE, UDP_MAX_PAYLOAD, SourceLimits, Verdict, Zone
@@ -38,14 +39,28 @@ UDP_RECEIVE_BUFFER: Final = 1024 * 1024
 
 LISTEN_BACKLOG: Final = 128
 
+# A port picked for UDP may be taken for TCP; tries before giving up.
+BIND_ATTEMPTS: Final = 20
+
 
 def bind_dns(addresses: Sequence[tuple[str, int]]) -> list[socket.socket]:
     """A UDP and a TCP socket on each (host, port), both on the same port.
 
     A port of 0 picks a free one (the UDP socket's), which the TCP socket and
-    later addresses with port 0 share. Made before worker processes fork, so
-    that a restarted worker finds them open.
+    later addresses with port 0 share; if TCP finds it taken, another is
+    picked. Made before worker processes fork, so that a restarted worker
+    finds them open.
     """
+    for _ in range(BIND_ATTEMPTS - 1):
+        try:
+            return _bind_dns(addresses)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or all(port for _, port in addresses):
+                raise
+    return _bind_dns(addresses)
+
+
+def _bind_dns(addresses: Sequence[tuple[str, int]]) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     chosen = 0
     try:
@@ -84,8 +99,8 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # uvloop's UDP transport is not an asyncio.DatagramTransport subclass.
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         server = self.server
@@ -138,7 +153,7 @@ class DnsServer:
     ) -> DnsServer:
         """Serve ``zone`` on ``sockets`` (from :func:`bind_dns`), which it then owns."""
         loop = asyncio.get_running_loop()
-        server = cls(zone, limits or SourceLimits(), loop.time)
+        server = cls(zone, SourceLimits() if limits is None else limits, loop.time)
         try:
             for sock in sockets:
                 host, port = sock.getsockname()[:2]
