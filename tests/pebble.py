@@ -172,10 +172,12 @@ def start_pebble(
     validity_seconds: int | None = None,
     nosleep: bool = True,
     port: int | None = None,
+    blocklist: list[str] | None = None,
 ) -> Pebble:
     """Start pebble asking ``dns_server`` (HOST:PORT) for DNS-01; wait for its directory.
 
-    ``port`` fixes the ACME port (to start pebble again where a relay expects it).
+    ``port`` fixes the ACME port (to start pebble again where a relay expects it);
+    pebble refuses to certify names under ``blocklist``.
     """
     work.mkdir(parents=True, exist_ok=True)
     certs = devca.ensure_dev_certificates(work / "listener", "localhost")
@@ -194,6 +196,8 @@ def start_pebble(
     }
     if validity_seconds is not None:
         settings["certificateValidityPeriod"] = validity_seconds
+    if blocklist:
+        settings["domainBlocklist"] = blocklist
     config = work / "pebble-config.json"
     config.write_text(json.dumps({"pebble": settings}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PEBBLE_")}
@@ -230,12 +234,17 @@ def run_pebble(
     *,
     validity_seconds: int | None = None,
     nosleep: bool = True,
+    blocklist: list[str] | None = None,
 ) -> Iterator[Pebble]:
     """pebble and a pebble-challtestsrv as its DNS server for ``domain``'s challenges."""
     work.mkdir(parents=True, exist_ok=True)
     with run_challtestsrv(domain, work / "challtestsrv.log") as (dns, dns_port):
         pebble = start_pebble(
-            work, f"127.0.0.1:{dns_port}", validity_seconds=validity_seconds, nosleep=nosleep
+            work,
+            f"127.0.0.1:{dns_port}",
+            validity_seconds=validity_seconds,
+            nosleep=nosleep,
+            blocklist=blocklist,
         )
         pebble.dns = dns
         try:

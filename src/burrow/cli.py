@@ -23,6 +23,8 @@ from burrow.exception import Error
 from burrow.launch.cli import launch
 from burrow.net.limits import raise_open_file_limit
 from burrow.relay.config import (
+    ACME_DIRECTORY,
+    ACME_TIMEOUT,
     DNS_RATE_PER_SOURCE,
     DRAIN_TIMEOUT,
     HANDSHAKE_TIMEOUT,
@@ -208,11 +210,50 @@ main.add_command(launch)  # burrow launch jupyter|shell: src/burrow/launch/
 @click.option(
     "--cert",
     type=click.Path(path_type=Path),
-    required=True,
-    help="PEM certificate for DOMAIN and *.DOMAIN.",
+    default=None,
+    help="PEM certificate for DOMAIN and *.DOMAIN (required unless --auto-cert); "
+    "replacing the file swaps it in.",
 )
 @click.option(
-    "--key", type=click.Path(path_type=Path), required=True, help="PEM private key of --cert."
+    "--key",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="PEM private key of --cert (required unless --auto-cert).",
+)
+@click.option(
+    "--auto-cert",
+    is_flag=True,
+    default=False,
+    help="Get and renew the certificate for DOMAIN and *.DOMAIN through ACME DNS-01 "
+    "(the relay answers the challenge as DOMAIN's DNS server); kept in --state-dir.",
+)
+@click.option(
+    "--acme-email",
+    default=None,
+    metavar="ADDRESS",
+    help="Contact address of the relay's ACME account (the CA's notices go there).",
+)
+@click.option(
+    "--acme-directory",
+    default=ACME_DIRECTORY,
+    show_default=True,
+    metavar="URL",
+    help="Directory URL of the ACME CA (Let's Encrypt's staging one for trials).",
+)
+@click.option(
+    "--acme-ca-bundle",
+    type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="PEM certificates to trust for the ACME server, besides the usual ones "
+    "(a private CA, pebble).",
+)
+@click.option(
+    "--acme-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=ACME_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait for the first certificate before exiting with the reason.",
 )
 @click.option(
     "--token-key",
@@ -308,8 +349,13 @@ main.add_command(launch)  # burrow launch jupyter|shell: src/burrow/launch/
 @_log_level_option
 def relay(
     domain: str,
-    cert: Path,
-    key: Path,
+    cert: Path | None,
+    key: Path | None,
+    auto_cert: bool,
+    acme_email: str | None,
+    acme_directory: str,
+    acme_ca_bundle: Path | None,
+    acme_timeout: float,
     token_key: Path,
     revoked_tokens: Path | None,
     state_dir: Path | None,
@@ -336,11 +382,26 @@ def relay(
 ) -> None:
     """Run a relay: visitors and agents on one TLS port, raw TCP tunnels on a range."""
     _setup_logging(log_level)
+    if auto_cert:
+        if cert is not None or key is not None:
+            raise click.UsageError("--auto-cert gets the certificate: drop --cert and --key")
+        if state_dir is None:
+            raise click.UsageError(
+                "--auto-cert needs --state-dir: the ACME account and certificate live there"
+            )
+        cert, key = state_dir / "acme" / "cert.pem", state_dir / "acme" / "key.pem"
+    elif cert is None or key is None:
+        raise click.UsageError("give --cert and --key, or --auto-cert to get them through ACME")
     try:
         config = RelayConfig(
             domain=names.normalize_domain(domain),
             cert=cert,
             key=key,
+            auto_cert=auto_cert,
+            acme_email=acme_email,
+            acme_directory=acme_directory,
+            acme_ca_bundle=acme_ca_bundle,
+            acme_timeout=acme_timeout,
             public_key=token_key,
             revoked_tokens=revoked_tokens,
             state_dir=state_dir,

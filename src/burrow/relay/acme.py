@@ -37,16 +37,10 @@ from josepy.jwk import JWKEC
 from burrow._version import __version__
 from burrow.exception import Error, InvalidError
 from burrow.net.devca import write_atomically
+from burrow.relay.config import ACME_DIRECTORY, ACME_TIMEOUT, RelayConfig
 
 log = logging.getLogger("burrow.relay.acme")
 
-LETS_ENCRYPT: Final = "https://acme-v02.api.letsencrypt.org/directory"
-
-# How long `burrow relay --auto-cert` waits for its first certificate before it
-# exits: DNS-01 at Let's Encrypt takes seconds to a minute; five minutes covers a
-# slow CA and a few retries, and an operator watching the start-up is not left
-# guessing for longer.
-ISSUE_TIMEOUT: Final = 300.0
 
 # How long one order may take, authorizations polled and certificate fetched.
 ORDER_TIMEOUT: Final = 120.0
@@ -108,13 +102,13 @@ class AcmeSettings:
     email: str | None = None
     """Contact address for the CA's account (expiry notices), or none."""
 
-    directory: str = LETS_ENCRYPT
+    directory: str = ACME_DIRECTORY
     """The CA's ACME directory URL."""
 
     ca_bundle: Path | None = None
     """PEM certificates trusted for the ACME server besides the usual ones."""
 
-    issue_timeout: float = ISSUE_TIMEOUT
+    issue_timeout: float = ACME_TIMEOUT
     """Seconds the relay waits for its first certificate before it gives up."""
 
     retry_first: float = RETRY_FIRST
@@ -122,6 +116,22 @@ class AcmeSettings:
 
     retry_max: float = RETRY_MAX
     """The longest wait between two tries."""
+
+    @classmethod
+    def of(cls, config: RelayConfig) -> AcmeSettings:
+        """The settings of a relay started with ``--auto-cert``."""
+        if config.state_dir is None:
+            raise InvalidError(
+                "--auto-cert needs --state-dir: the ACME account and certificate are kept there"
+            )
+        return cls(
+            domain=config.domain,
+            state_dir=config.state_dir,
+            email=config.acme_email,
+            directory=config.acme_directory,
+            ca_bundle=config.acme_ca_bundle,
+            issue_timeout=config.acme_timeout,
+        )
 
     @property
     def dir(self) -> Path:
@@ -666,7 +676,7 @@ class CertificateManager:
             except (AcmeError, InvalidError) as exc:
                 delay = schedule.failed(self.clock(), self.random)
                 log.warning(
-                    "renewing the certificate for %s failed: %s; next try in %.0fs",
+                    "renewing the certificate for %s failed: %s; next try in %.1fs",
                     settings.domain,
                     exc,
                     delay,

@@ -74,6 +74,15 @@ MAX_PENDING_HANDSHAKES: Final = 8192
 # once from one address is far beyond what they have in flight.
 MAX_PENDING_HANDSHAKES_PER_SOURCE: Final = 256
 
+# Where --auto-cert gets its certificate unless told otherwise.
+ACME_DIRECTORY: Final = "https://acme-v02.api.letsencrypt.org/directory"
+
+# How long `burrow relay --auto-cert` waits for its first certificate before it
+# exits: DNS-01 at Let's Encrypt takes seconds to a minute; five minutes covers a
+# slow CA and a few retries, and an operator watching the start-up is not left
+# guessing for longer.
+ACME_TIMEOUT: Final = 300.0
+
 # UDP queries answered per second from one source (an IPv4 address or an IPv6
 # /64) by the relay's DNS zone, and the burst allowed above that rate. A
 # resolver caches answers (relay/dns.py's TTL), so even a large one asks a few
@@ -163,6 +172,23 @@ class RelayConfig:
     mode 0600) and, with ``--auto-cert``, the ACME account and certificate. Without
     one, claims are signed with a secret derived from ``key`` and held in memory only,
     so a restart with a new TLS key loses them."""
+
+    auto_cert: bool = False
+    """Get and renew ``cert`` and ``key`` through ACME DNS-01 (burrow.relay.acme); they
+    then live in ``state_dir/acme/`` and the relay serves only once it has them."""
+
+    acme_email: str | None = None
+    """Contact address of the relay's ACME account."""
+
+    acme_directory: str = ACME_DIRECTORY
+    """The ACME CA's directory URL."""
+
+    acme_ca_bundle: Path | None = None
+    """PEM certificates trusted for the ACME server besides the usual ones (pebble, a
+    private CA)."""
+
+    acme_timeout: float = ACME_TIMEOUT
+    """Seconds to wait for the first certificate before giving up."""
 
     public_ips: tuple[str, ...] = ()
     """The relay's public addresses (IPv4 and IPv6): what its DNS zone answers for

@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from burrow.net.loopthread import LoopThread
 from burrow.relay import claimsecret
@@ -22,6 +22,9 @@ from burrow.relay.config import RelayConfig
 from burrow.relay.dnsserver import DnsServer, bind_dns, dns_zone, start_dns
 from burrow.relay.server import LISTEN_BACKLOG, Relay
 from burrow.relay.workers import Worker, bind_listeners, run_workers
+
+if TYPE_CHECKING:  # the ACME client loads only for --auto-cert
+    from burrow.relay.acme import CertificateManager, ChallengeSink
 
 log = logging.getLogger("burrow.relay")
 
@@ -122,27 +125,93 @@ def bind_loopback(config: RelayConfig) -> list[socket.socket]:
     return sockets
 
 
+class UnservedChallenge:
+    """Where ACME's TXT values go when the relay runs no DNS server: the log, so that an
+    operator can publish ``_acme-challenge.<domain>`` by other means."""
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+
+    def set_challenge(self, values: list[str]) -> None:
+        log.warning(
+            "no DNS server in this relay: the CA will look up TXT _acme-challenge.%s = %s",
+            self.domain,
+            " and ".join(repr(value) for value in values),
+        )
+
+    def clear_challenge(self) -> None:
+        pass
+
+
+async def obtain_certificate(
+    config: RelayConfig, challenges: ChallengeSink | None = None
+) -> CertificateManager:
+    """``--auto-cert``: the stored certificate while it is good, else a new one from the CA.
+
+    Raises :class:`~burrow.relay.acme.AcmeError` (one line: what to fix) when
+    none comes within ``config.acme_timeout``. The relay serves TLS only after.
+    """
+    from burrow.relay import acme
+
+    settings = acme.AcmeSettings.of(config)
+    sink = challenges if challenges is not None else UnservedChallenge(settings.domain)
+    manager = acme.CertificateManager(settings, sink)
+    await manager.ensure()
+    return manager
+
+
+def keep_renewed(manager: CertificateManager, relay: Relay) -> asyncio.Task[None]:
+    """Renew the relay's certificate for ever, each new one swapped in as it comes."""
+    settings = manager.settings
+
+    def installed(_: object) -> None:
+        # Other workers see the new files through their own watch of them.
+        relay.use_certificate(settings.cert, settings.key)
+
+    return asyncio.get_running_loop().create_task(manager.run(installed), name="acme-renewal")
+
+
+def _acme_config(config: RelayConfig) -> RelayConfig:
+    """With ``--auto-cert``, the relay serves the files the ACME client keeps."""
+    if not config.auto_cert:
+        return config
+    from burrow.relay import acme
+
+    settings = acme.AcmeSettings.of(config)
+    return dataclasses.replace(config, cert=settings.cert, key=settings.key)
+
+
 def run_relay(
     config: RelayConfig,
     *,
     workers: int = 1,
     loopback: bool = False,
     on_started: OnStarted | None = None,
+    challenges: ChallengeSink | None = None,
 ) -> None:
     """Run a relay in this process until SIGINT or SIGTERM (SIGTERM drains first).
 
     With ``workers`` above 1, that many forked processes share the listening
     sockets. ``loopback`` listens as :func:`start_loopback` does (``burrow dev``).
+    With ``config.auto_cert`` the relay first gets its certificate (ACME runs in
+    one process only: this one, then worker 0 for renewals) and ``challenges``
+    publishes the DNS-01 TXT records.
     """
     quiet_bad_server_names()
-    # One zone per relay, made here so that the ACME client can publish in it.
+    config = _acme_config(config)
+    # One zone per relay, made here: the ACME client publishes its challenges in it.
     zone = dns_zone(config)
+    if challenges is None:
+        challenges = zone
     if workers == 1:
 
         async def main() -> None:
-            dns = await start_dns(config, zone=zone)
+            dns = await start_dns(config, zone=zone)  # first: ACME needs it
+            renewals = None
             try:
+                manager = await obtain_certificate(config, challenges) if config.auto_cert else None
                 relay = await (start_loopback(config) if loopback else Relay.start(config))
+                renewals = keep_renewed(manager, relay) if manager is not None else None
 
                 def started() -> None:
                     if on_started is not None:
@@ -150,6 +219,8 @@ def run_relay(
 
                 await serve(relay, started)
             finally:
+                if renewals is not None:
+                    renewals.cancel()
                 if dns is not None:
                     await dns.close()
 
@@ -159,6 +230,19 @@ def run_relay(
     # limits are one per relay, and the supervisor runs no event loop while
     # it forks workers again when they exit. A restarted worker 0 finds them open.
     dns_sockets = bind_dns(config.dns_listen) if zone is not None else []
+    if config.auto_cert:
+        # Before the fork, so that every worker starts with a certificate; DNS
+        # answers the CA meanwhile on copies of the sockets worker 0 gets.
+
+        async def first_certificate() -> None:
+            dns = await start_dns(config, [sock.dup() for sock in dns_sockets], zone)
+            try:
+                await obtain_certificate(config, challenges)
+            finally:
+                if dns is not None:
+                    await dns.close()
+
+        run(first_certificate)
     # Made once, before the fork: every worker must sign and check claims alike.
     claimsecret.load_or_create(config.state_dir, config.key)
     if loopback:
@@ -182,9 +266,15 @@ def run_relay(
 
         async def main() -> None:
             dns = await start_dns(config, dns_sockets, zone) if worker.index == 0 else None
+            renewals = None
             try:
-                await serve(await Relay.start(config, worker=worker, sockets=sockets))
+                relay = await Relay.start(config, worker=worker, sockets=sockets)
+                if config.auto_cert and worker.index == 0:  # one process renews
+                    renewals = keep_renewed(await obtain_certificate(config, challenges), relay)
+                await serve(relay)
             finally:
+                if renewals is not None:
+                    renewals.cancel()
                 if dns is not None:
                     await dns.close()
 

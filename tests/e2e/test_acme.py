@@ -1,0 +1,347 @@
+"""--auto-cert against a real ACME CA: pebble, Let's Encrypt's test server (tests/pebble.py).
+
+pebble asks the relay's own DNS server (relay/dnsserver.py) for the DNS-01
+TXT records, as a CA asks a delegated zone; the bad-input cases that need no
+relay DNS use pebble-challtestsrv.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from backends import free_port, http_server
+from devrelay import BURROW, clean_env
+from harness import wait_until
+from pebble import Pebble, run_pebble, start_pebble
+
+import burrow
+from burrow import tokens
+from burrow.agent.client import runtime
+from burrow.net.loopthread import LoopThread
+from burrow.relay import acme, dnsserver, process
+from burrow.relay.config import RelayConfig
+from burrow.relay.server import Relay
+
+DOMAIN = "r1.localhost"  # curl and the agent keep *.localhost on loopback
+
+
+@dataclass
+class AcmeRelay:
+    relay: Relay
+    manager: acme.CertificateManager
+    thread: LoopThread
+    root: Path
+    signing_key: object
+    state_dir: Path
+
+    @property
+    def address(self) -> str:
+        return f"{DOMAIN}:{self.relay.bound_port}"
+
+    def client(self) -> burrow.Client:
+        token = tokens.mint(self.signing_key, subject="acme", ttl_seconds=3600)
+        return burrow.Client(relay=self.address, token=token, ca=str(self.root))
+
+    def renew(self) -> None:
+        """Start renewing, as a relay started with --auto-cert does."""
+
+        async def start() -> None:
+            process.keep_renewed(self.manager, self.relay)
+
+        self.thread.run(start())
+
+    def served(self, name: str | None = None) -> bytes:
+        """The DER certificate a fresh handshake with SNI ``name`` gets."""
+        context = ssl.create_default_context(cafile=str(self.root))
+        with (
+            socket.create_connection(("127.0.0.1", self.relay.bound_port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname=name or DOMAIN) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return der
+
+
+@contextmanager
+def pebble_asking_the_relay(work: Path, **kw: Any) -> Iterator[tuple[Pebble, int]]:
+    """pebble whose DNS-01 checks ask 127.0.0.1:<port>, the port yielded for the relay."""
+    dns_port = free_udp_port()
+    pebble = start_pebble(work, f"127.0.0.1:{dns_port}", **kw)
+    try:
+        yield pebble, dns_port
+    finally:
+        pebble.stop()
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        port: int = udp.getsockname()[1]
+    return port
+
+
+@contextmanager
+def acme_relay(
+    state_dir: Path,
+    pebble: tuple[Pebble, int],
+    *,
+    clock: Callable[[], float] = time.time,
+    retry_first: float = acme.RETRY_FIRST,
+    renew: bool = True,
+) -> Iterator[AcmeRelay]:
+    """A relay with --auto-cert at pebble, answering pebble's DNS-01 lookups itself;
+    ``renew=False`` leaves starting the renewals (:meth:`AcmeRelay.renew`) to the test."""
+    pebble, dns_port = pebble
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key = tokens.generate_signing_key()
+    public_key = state_dir / "token-public.pem"
+    public_key.unlink(missing_ok=True)
+    tokens.write_public_key(key, public_key)
+    settings = acme.AcmeSettings(
+        domain=DOMAIN,
+        state_dir=state_dir,
+        email="ops@example.com",
+        directory=pebble.directory,
+        ca_bundle=pebble.ca_bundle,
+        issue_timeout=60,
+        retry_first=retry_first,
+    )
+    config = RelayConfig(
+        domain=DOMAIN,
+        cert=settings.cert,
+        key=settings.key,
+        public_key=public_key,
+        listen=(("127.0.0.1", 0),),
+        state_dir=state_dir,
+        auto_cert=True,
+        dns_listen=(("127.0.0.1", dns_port),),
+        public_ips=("127.0.0.1",),
+    )
+    zone = dnsserver.dns_zone(config)
+    assert zone is not None
+    manager = acme.CertificateManager(settings, zone, clock=clock)
+    thread = LoopThread("acme-relay")
+    relay: Relay | None = None
+    dns: dnsserver.DnsServer | None = None
+    try:
+        dns = thread.run(dnsserver.start_dns(config, zone=zone))
+        thread.run(manager.ensure(), 90)
+        relay = thread.run(Relay.start(config))
+
+        handle = AcmeRelay(
+            relay, manager, thread, pebble.write_root(state_dir / "root.pem"), key, state_dir
+        )
+        if renew:
+            handle.renew()
+        yield handle
+    finally:
+        if relay is not None:
+            runtime.run(runtime.close_all(f"{DOMAIN}:{relay.bound_port}"))
+            thread.run(relay.close())
+        if dns is not None:
+            thread.run(dns.close())
+        thread.stop(10)
+
+
+def _curl(url: str, root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["curl", "-sS", "--fail", "--cacert", str(root), url + "/"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_cold_start_gets_a_wildcard_certificate_and_serves_a_tunnel(tmp_path: Path) -> None:
+    with (
+        pebble_asking_the_relay(tmp_path / "pebble") as pebble,
+        acme_relay(tmp_path / "state", pebble) as relay,
+        http_server() as server,
+        burrow.forward(server.port, client=relay.client()) as tunnel,
+    ):
+        assert relay.manager.orders == 1
+        out = _curl(tunnel.url, relay.root)
+        assert out.returncode == 0, out.stderr
+        assert server.marker in out.stdout
+        # A visitor's handshake (SNI: the tunnel's name) and an agent's see the same
+        # certificate: the one ACME got, for both names.
+        assert relay.served(tunnel.url.split("//")[1].split(":")[0]) == relay.served()
+        assert (relay.state_dir / "acme" / "key.pem").stat().st_mode & 0o077 == 0
+        assert (relay.state_dir / "acme" / acme.ACCOUNT_KEY_FILE).stat().st_mode & 0o077 == 0
+
+
+def test_a_restart_with_a_good_stored_certificate_places_no_order(tmp_path: Path) -> None:
+    with pebble_asking_the_relay(tmp_path / "pebble") as pebble:
+        with acme_relay(tmp_path / "state", pebble) as first:
+            served = first.served()
+            assert first.manager.orders == 1
+        with acme_relay(tmp_path / "state", pebble) as second:
+            assert second.manager.orders == 0
+            assert second.served() == served
+
+
+def test_with_the_ca_gone_the_relay_serves_on_and_retries_with_back_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="burrow.relay.acme")
+    offset = 0.0
+
+    def clock() -> float:
+        return time.time() + offset
+
+    with (
+        pebble_asking_the_relay(tmp_path / "pebble", validity_seconds=3600) as pebble,
+        acme_relay(tmp_path / "state", pebble, clock=clock, retry_first=0.2, renew=False) as relay,
+        http_server() as server,
+        burrow.forward(server.port, client=relay.client()) as tunnel,
+    ):
+        before = relay.served()
+        pebble[0].stop()
+        cert = relay.manager.current
+        assert cert is not None
+        # The relay's clock at 70% of the certificate's life: renewal is due, and less
+        # than a third is left.
+        offset = cert.not_before + 0.7 * cert.lifetime - time.time()
+        relay.renew()
+        wait_until(
+            lambda: relay.manager.schedule is not None and relay.manager.schedule.failures >= 3,
+            "three failed renewals",
+            60,
+        )
+        failures = [r for r in caplog.records if "renewing the certificate" in r.getMessage()]
+        delays = [float(r.getMessage().rsplit("next try in ", 1)[1].rstrip("s")) for r in failures]
+        assert delays[:3] == sorted(delays[:3]) and delays[0] <= 0.2
+        assert "cannot reach the ACME server" in failures[0].getMessage()
+        assert any(
+            r.levelno == logging.WARNING and "has not been renewed" in r.getMessage()
+            for r in caplog.records
+        )
+        assert relay.served() == before
+        out = _curl(tunnel.url, relay.root)
+        assert out.returncode == 0, out.stderr
+
+
+# -- bad input: one line that says what to fix -----------------------------------
+
+
+def _relay_cli(tmp_path: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    key = tokens.generate_signing_key()
+    public_key = tmp_path / "token-public.pem"
+    tokens.write_public_key(key, public_key)
+    return subprocess.run(
+        [
+            *BURROW,
+            "relay",
+            "--domain",
+            DOMAIN,
+            "--auto-cert",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--token-key",
+            str(public_key),
+            "--listen",
+            "127.0.0.1:0",
+            *args,
+        ],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_a_wrong_email_says_to_fix_acme_email(tmp_path: Path) -> None:
+    with run_pebble(tmp_path / "pebble", DOMAIN) as pebble:
+        result = _relay_cli(
+            tmp_path,
+            "--acme-directory",
+            pebble.directory,
+            "--acme-ca-bundle",
+            str(pebble.ca_bundle),
+            "--acme-email",
+            "not an email",
+        )
+    line = _one_error_line(result)
+    assert "refused the contact 'not an email'" in line and "fix --acme-email" in line
+
+
+def test_an_unreachable_ca_says_so(tmp_path: Path) -> None:
+    directory = f"https://localhost:{free_port()}/dir"
+    result = _relay_cli(tmp_path, "--acme-directory", directory, "--acme-timeout", "5")
+    line = _one_error_line(result)
+    assert f"cannot reach the ACME server {directory}" in line
+    assert "--acme-directory" in line
+
+
+def test_an_untrusted_ca_says_to_give_acme_ca_bundle(tmp_path: Path) -> None:
+    with run_pebble(tmp_path / "pebble", DOMAIN) as pebble:
+        result = _relay_cli(tmp_path, "--acme-directory", pebble.directory)
+    assert "--acme-ca-bundle" in _one_error_line(result)
+
+
+def test_a_ca_that_refuses_the_names_says_so(tmp_path: Path) -> None:
+    with run_pebble(tmp_path / "pebble", DOMAIN, blocklist=["localhost"]) as pebble:
+        result = _relay_cli(
+            tmp_path,
+            "--acme-directory",
+            pebble.directory,
+            "--acme-ca-bundle",
+            str(pebble.ca_bundle),
+        )
+    line = _one_error_line(result)
+    assert f"refused to certify {DOMAIN} and *.{DOMAIN}" in line
+    assert "rejectedIdentifier" in line
+
+
+def test_a_zone_not_delegated_says_to_delegate_it(tmp_path: Path) -> None:
+    # Nothing publishes the TXT records where pebble looks (the relay's DNS is not
+    # the one pebble asks): as when the parent zone has no NS record for the relay.
+    with run_pebble(tmp_path / "pebble", DOMAIN) as pebble:
+        result = _relay_cli(
+            tmp_path,
+            "--acme-directory",
+            pebble.directory,
+            "--acme-ca-bundle",
+            str(pebble.ca_bundle),
+            "--acme-timeout",
+            "20",
+        )
+    line = _one_error_line(result)
+    assert f"_acme-challenge.{DOMAIN}" in line and f"delegate the zone {DOMAIN}" in line
+
+
+def test_auto_cert_without_a_state_dir_is_a_usage_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*BURROW, "relay", "--domain", DOMAIN, "--auto-cert", "--token-key", "k.pem"],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--auto-cert needs --state-dir" in result.stderr
+
+
+def _fingerprint(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
