@@ -7,7 +7,8 @@ relay DNS use pebble-challtestsrv.
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -44,6 +45,7 @@ class AcmeRelay:
     root: Path
     signing_key: object
     state_dir: Path
+    renewals: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -57,9 +59,18 @@ class AcmeRelay:
         """Start renewing, as a relay started with --auto-cert does."""
 
         async def start() -> None:
-            process.keep_renewed(self.manager, self.relay)
+            self.renewals = process.keep_renewed(self.manager, self.relay)
 
         self.thread.run(start())
+
+    def stop_renewing(self) -> None:
+        async def stop() -> None:
+            if self.renewals is not None:
+                self.renewals.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.renewals
+
+        self.thread.run(stop())
 
     def served(self, name: str | None = None) -> bytes:
         """The DER certificate a fresh handshake with SNI ``name`` gets."""
@@ -134,6 +145,7 @@ def acme_relay(
     thread = LoopThread("acme-relay")
     relay: Relay | None = None
     dns: dnsserver.DnsServer | None = None
+    handle: AcmeRelay | None = None
     try:
         dns = thread.run(dnsserver.start_dns(config, zone=zone))
         thread.run(manager.ensure(), 90)
@@ -146,6 +158,8 @@ def acme_relay(
             handle.renew()
         yield handle
     finally:
+        if handle is not None:
+            handle.stop_renewing()
         if relay is not None:
             runtime.run(runtime.close_all(f"{DOMAIN}:{relay.bound_port}"))
             thread.run(relay.close())
@@ -341,7 +355,3 @@ def test_auto_cert_without_a_state_dir_is_a_usage_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "--auto-cert needs --state-dir" in result.stderr
-
-
-def _fingerprint(der: bytes) -> str:
-    return hashlib.sha256(der).hexdigest()
