@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from backends import free_port, http_server
+from devrelay import dev_relay
 from harness import DOMAIN, RelayHarness, run_relay, wait_until
 from leaves import new_leaf
 
@@ -411,3 +412,39 @@ def test_a_relay_with_no_claim_secret_yet_derives_it_so_old_claims_hold(tmp_path
         assert restarted_gives_the_name_back(
             relay, agent, tunnel, ca, cert=renewed.cert, key=renewed.key
         )
+
+
+# -- every worker -------------------------------------------------------------------------
+
+
+def test_every_worker_serves_a_pair_replaced_on_disk(tmp_path: Path) -> None:
+    with dev_relay(tmp_path, "--workers", "2") as relay:
+        state = relay.state_dir
+        # Written by the parent before the fork, from the dev certificate's key.
+        secret = state / claimsecret.CLAIM_SECRET_FILE
+        assert secret.stat().st_mode & 0o777 == 0o600
+        key = state / devca.LEAF_KEY_FILE
+        assert bytes.fromhex(secret.read_text()) == claimsecret.derive(key.read_bytes())
+
+        context = client_context(Path(relay.ca))
+        # Unknown labels get a 404, after a handshake in the worker that owns them (a
+        # fixed hash of the name): sixteen names reach both workers.
+        hosts = [f"{label}.{DOMAIN}" for label in (f"l{i:013d}" for i in range(16))]
+
+        def fingerprints() -> set[str]:
+            seen = set()
+            for host in hosts:
+                with (
+                    socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock,
+                    context.wrap_socket(sock, server_hostname=host) as tls,
+                ):
+                    seen.add(hashlib.sha256(tls.getpeercert(binary_form=True) or b"").hexdigest())
+            return seen
+
+        assert fingerprints() == {fingerprint_of(state / devca.LEAF_CERT_FILE)}
+        renewed = new_leaf(state, tmp_path / "renewed", DOMAIN)
+        replace_file(renewed.cert, state / devca.LEAF_CERT_FILE)
+        replace_file(renewed.key, key)
+        wait_until(lambda: fingerprints() == {fingerprint_of(renewed.cert)}, "every worker")
+        log = relay.log.read_text()
+        assert "[0]: TLS certificate" in log and "[1]: TLS certificate" in log, log
