@@ -332,3 +332,29 @@ def test_the_relay_command_refuses_bad_dns_settings(
     )
     assert result.returncode != 0
     assert value in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tcp_connections_are_capped_per_source(relay: RelayHarness) -> None:
+    from burrow.relay.dnsserver import MAX_TCP_CONNECTIONS_PER_SOURCE
+
+    where = ("127.0.0.1", port(relay))
+    cap = MAX_TCP_CONNECTIONS_PER_SOURCE
+    held = [socket.create_connection(where, timeout=5) for _ in range(cap)]
+    try:
+        query = dns.message.make_query(DOMAIN, "A")
+        # One connection past the cap is closed without an answer...
+        with socket.create_connection(where, timeout=5) as extra:
+            try:
+                dns.query.send_tcp(extra, query)
+                assert extra.recv(100) == b""
+            except ConnectionResetError:
+                pass  # closed with the query unread: a reset
+        # ...while another source, and the connections already held, are answered.
+        with socket.create_connection(where, timeout=5, source_address=("127.0.0.2", 0)) as other:
+            dns.query.send_tcp(other, query)
+            assert dns.query.receive_tcp(other)[0].answer
+        dns.query.send_tcp(held[0], query)
+        assert dns.query.receive_tcp(held[0])[0].answer
+    finally:
+        for sock in held:
+            sock.close()

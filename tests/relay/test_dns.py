@@ -95,8 +95,9 @@ def test_names_outside_the_zone_are_refused_and_nothing_recurses() -> None:
         assert response.rcode() == dns.rcode.REFUSED
         assert not response.flags & dns.flags.AA
         assert not response.answer and not response.authority
-    chaos = ask(z, "version.bind", "TXT", rdclass=dns.rdataclass.CH)
-    assert chaos.rcode() == dns.rcode.REFUSED
+    for name in ("version.bind", ZONE):  # CHAOS, or any class but IN, even for our names
+        chaos = ask(z, name, "TXT", rdclass=dns.rdataclass.CH)
+        assert chaos.rcode() == dns.rcode.REFUSED
 
 
 def test_a_type_the_name_lacks_is_nodata_with_the_soa() -> None:
@@ -197,9 +198,12 @@ def test_udp_answers_fit_the_buffer_the_query_offers() -> None:
     assert huge.payload == UDP_MAX_PAYLOAD  # and is told the cap
     tcp = ask(z, name, "TXT", tcp=True, max_size=65535)
     assert not tcp.flags & dns.flags.TC and len(tcp.answer[0]) == 8
-    z.set_challenge([f"{i}" + "v" * 199 for i in range(2)])
+    # Four values: about 850 bytes, more than a query without EDNS0 may get.
+    z.set_challenge([f"{i}" + "v" * 199 for i in range(4)])
+    assert ask(z, name, "TXT").flags & dns.flags.TC
+    assert ask(z, name, "TXT", use_edns=0, payload=600).flags & dns.flags.TC
     fits = ask(z, name, "TXT", use_edns=0, payload=1232)
-    assert not fits.flags & dns.flags.TC and len(fits.answer[0]) == 2
+    assert not fits.flags & dns.flags.TC and len(fits.answer[0]) == 4
 
 
 def test_response_sizes_are_bounded_by_max_size() -> None:
@@ -343,3 +347,14 @@ def test_the_table_of_sources_is_bounded() -> None:
     assert len(limits) == 100
     # The source seen most recently is still remembered (and still limited).
     assert limits.check("10.0.3.231", 0.0) is not Verdict.ANSWER
+
+
+def test_the_source_forgotten_first_is_the_one_silent_longest() -> None:
+    limits = SourceLimits(rate=1, burst=1, max_sources=3)
+    assert limits.check("192.0.2.1", 0.0) is Verdict.ANSWER  # its bucket is now empty
+    limits.check("192.0.2.2", 0.0)
+    assert limits.check("192.0.2.1", 0.0) is not Verdict.ANSWER  # seen again: the newest
+    limits.check("192.0.2.3", 0.0)
+    limits.check("192.0.2.4", 0.0)  # the table is full: 192.0.2.2 goes
+    assert limits.check("192.0.2.1", 0.0) is not Verdict.ANSWER  # still remembered
+    assert limits.check("192.0.2.2", 0.0) is Verdict.ANSWER  # forgotten: a fresh bucket
