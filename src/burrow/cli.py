@@ -442,7 +442,7 @@ def _dns_settings(
     is given, listening by default on port 53 of each --listen host."""
     import ipaddress
 
-    from burrow.relay.dns import MAX_ADDRESSES_PER_FAMILY
+    from burrow.relay.dns import MAX_ADDRESSES_PER_FAMILY, Zone
 
     versions = []
     for text in public_ips:
@@ -456,6 +456,11 @@ def _dns_settings(
         raise click.BadParameter(
             f"at most {MAX_ADDRESSES_PER_FAMILY} of each family", param_hint="--public-ip"
         )
+    if caa is not None:
+        try:
+            Zone("caa.invalid", caa_issuer=caa)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--dns-caa") from None
     if dns_listen:
         addresses = [names.parse_address(item, 53) for item in dns_listen]
     elif public_ips or only_acme:

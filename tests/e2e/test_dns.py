@@ -318,7 +318,8 @@ def test_with_workers_dns_runs_once_in_worker_0_and_comes_back_with_it(tmp_path:
 
 
 @pytest.mark.parametrize(
-    ("option", "value"), [("--public-ip", "relay.example.com"), ("--dns-listen", "[::1")]
+    ("option", "value"),
+    [("--public-ip", "relay.example.com"), ("--dns-listen", "[::1"), ("--dns-caa", "a ca")],
 )
 def test_the_relay_command_refuses_bad_dns_settings(
     tmp_path: Path, option: str, value: str
