@@ -37,6 +37,7 @@ from burrow.relay import claimsecret
 from burrow.relay.certs import CERT_CHECK_SECONDS, CertificateError
 from burrow.relay.config import RelayConfig
 from burrow.relay.process import RelayThread
+from burrow.wire import protocol
 
 PAGE = b"served through every certificate"
 
@@ -101,6 +102,18 @@ def handshake_fingerprint(relay: RelayHarness, host: str) -> str:
     finally:
         visit.close()
     return visit.fingerprint
+
+
+def peer(relay: RelayHarness, host: str, alpn: list[str]) -> tuple[str, str | None]:
+    """A handshake alone: the fingerprint of the certificate it got, and the ALPN chosen."""
+    context = ssl.create_default_context(cafile=str(relay.ca))
+    context.set_alpn_protocols(alpn)
+    with (
+        socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock,
+        context.wrap_socket(sock, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True) or b""
+        return hashlib.sha256(der).hexdigest(), tls.selected_alpn_protocol()
 
 
 def install(relay: RelayHarness, cert: Path, key: Path) -> None:
@@ -243,6 +256,14 @@ def test_a_pair_replaced_on_disk_is_served_without_a_restart(
         wait_until(lambda: handshake_fingerprint(relay, host) == after, "the renewed certificate")
         assert relay.relay.certificate.fingerprint == after
         assert agent.reconnects == 0
+        # All three contexts changed: an HTTP/2 tunnel's, and agents' (the relay's own name).
+        with (
+            http_server() as server,
+            burrow.forward(server.port, h2_enabled=True, client=relay.client()) as h2_tunnel,
+        ):
+            h2_host = h2_tunnel.url.removeprefix("https://").split(":")[0]
+            assert peer(relay, h2_host, ["h2"]) == (after, "h2")
+        assert peer(relay, DOMAIN, [protocol.ALPN_CONTROL]) == (after, protocol.ALPN_CONTROL)
         # The half-replaced pair was refused, once, with the reason.
         refused = [r for r in caplog.records if "refused the changed" in r.getMessage()]
         assert len(refused) == 1 and "the key does not match" in refused[0].getMessage()
