@@ -25,7 +25,9 @@ NOW = datetime.now(UTC)
 
 @pytest.fixture
 def pair(tmp_path: Path) -> devca.DevCertificates:
-    return devca.ensure_dev_certificates(tmp_path / "ca", DOMAIN)
+    # Made at NOW, the time the checks below use: however long after the module
+    # was imported this test runs, the certificate is already valid then.
+    return devca.ensure_dev_certificates(tmp_path / "ca", DOMAIN, now=NOW)
 
 
 def pems(p: devca.DevCertificates) -> tuple[bytes, bytes]:
@@ -50,7 +52,7 @@ def test_a_good_pair_passes_and_says_what_it_is(pair: devca.DevCertificates) -> 
 def test_a_key_of_another_certificate_is_refused(
     pair: devca.DevCertificates, tmp_path: Path
 ) -> None:
-    other = new_leaf(tmp_path / "ca", tmp_path / "other", DOMAIN)
+    other = new_leaf(tmp_path / "ca", tmp_path / "other", DOMAIN, now=NOW)
     with pytest.raises(CertificateError, match="the key does not match the certificate"):
         check_pair(pair.cert.read_bytes(), other.key.read_bytes(), DOMAIN, NOW)
 
@@ -155,7 +157,7 @@ def test_unchanged_files_are_not_read_again(pair: devca.DevCertificates) -> None
 def test_a_pair_replaced_one_file_at_a_time_is_taken_once_it_matches(
     pair: devca.DevCertificates, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    renewed = new_leaf(tmp_path / "ca", tmp_path / "renewed", DOMAIN)
+    renewed = new_leaf(tmp_path / "ca", tmp_path / "renewed", DOMAIN, now=NOW)
     loads = Loads()
     files = CertificateFiles(pair.cert, pair.key, loads)
     replace_file(renewed.cert, pair.cert)
@@ -171,7 +173,7 @@ def test_a_bad_pair_is_logged_once_and_a_good_one_later_is_taken(
     pair: devca.DevCertificates, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, "burrow.relay")
-    foreign = devca.ensure_dev_certificates(tmp_path / "foreign", "r2.localhost")
+    foreign = devca.ensure_dev_certificates(tmp_path / "foreign", "r2.localhost", now=NOW)
     loads = Loads()
     files = CertificateFiles(pair.cert, pair.key, loads)
     replace_file(foreign.cert, pair.cert)
@@ -182,14 +184,14 @@ def test_a_bad_pair_is_logged_once_and_a_good_one_later_is_taken(
     assert len(refusals) == 1, caplog.text
     assert "does not cover r1.localhost and *.r1.localhost" in refusals[0].message
     assert loads.count == 2  # tried twice, then left alone until the files change
-    renewed = new_leaf(tmp_path / "ca", tmp_path / "renewed", DOMAIN)
+    renewed = new_leaf(tmp_path / "ca", tmp_path / "renewed", DOMAIN, now=NOW)
     replace_file(renewed.key, pair.key)
     replace_file(renewed.cert, pair.cert)
     assert files.poll() == check_pair(*pems(renewed), DOMAIN, NOW)
 
 
 def test_follow_moves_the_watch_to_other_files(pair: devca.DevCertificates, tmp_path: Path) -> None:
-    renewed = new_leaf(tmp_path / "ca", tmp_path / "renewed", DOMAIN)
+    renewed = new_leaf(tmp_path / "ca", tmp_path / "renewed", DOMAIN, now=NOW)
     files = CertificateFiles(pair.cert, pair.key, Loads())
     files.follow(renewed.cert, renewed.key)
     assert files.poll() is None  # taken as loaded already
@@ -222,7 +224,7 @@ def test_a_new_state_dir_gets_a_private_secret_derived_from_the_key(
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     assert path.read_text() == secret.hex() + "\n"
     # Once there, a new TLS key changes nothing.
-    renewed = new_leaf(tmp_path / "ca", tmp_path / "renewed", DOMAIN)
+    renewed = new_leaf(tmp_path / "ca", tmp_path / "renewed", DOMAIN, now=NOW)
     assert claimsecret.load_or_create(state, renewed.key) == secret
 
 
