@@ -329,7 +329,8 @@ main.add_command(launch)  # burrow launch jupyter|shell: src/burrow/launch/
     default=None,
     metavar="CA-DOMAIN",
     help="Publish CAA at DOMAIN so that only this CA may issue certificates for it "
-    "(letsencrypt.org, RFC 8659).",
+    "(letsencrypt.org, RFC 8659); with --auto-cert, only to this relay's ACME account "
+    "(RFC 8657).",
 )
 @click.option(
     "--dns-rate",

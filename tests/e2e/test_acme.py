@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import http.client
+import itertools
 import logging
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
+import dns.resolver
 import pytest
 from backends import free_port, http_server
 from devrelay import BURROW, clean_env
@@ -29,12 +34,20 @@ from pebble import Pebble, run_pebble, start_pebble
 import burrow
 from burrow import tokens
 from burrow.agent.client import runtime
+from burrow.agent.session import AgentSession
 from burrow.net.loopthread import LoopThread
 from burrow.relay import acme, dnsserver, process
 from burrow.relay.config import RelayConfig
 from burrow.relay.server import Relay
 
 DOMAIN = "r1.localhost"  # curl and the agent keep *.localhost on loopback
+
+# Renewals under load: pebble's certificates live this long, so the relay renews
+# at two thirds of it, every 16 s, and renews twice within about 35 s.
+SHORT_LIFE: Final = 24
+# The renewals to see while the load runs, and a fresh TLS connection this often.
+RENEWALS: Final = 2
+FRESH_EVERY: Final = 1.0
 
 
 @dataclass
@@ -110,9 +123,11 @@ def acme_relay(
     clock: Callable[[], float] = time.time,
     retry_first: float = acme.RETRY_FIRST,
     renew: bool = True,
+    caa: str | None = None,
 ) -> Iterator[AcmeRelay]:
     """A relay with --auto-cert at pebble, answering pebble's DNS-01 lookups itself;
-    ``renew=False`` leaves starting the renewals (:meth:`AcmeRelay.renew`) to the test."""
+    ``renew=False`` leaves starting the renewals (:meth:`AcmeRelay.renew`) to the test;
+    ``caa`` is its ``--dns-caa``."""
     pebble, dns_port = pebble
     state_dir.mkdir(parents=True, exist_ok=True)
     key = tokens.generate_signing_key()
@@ -127,6 +142,7 @@ def acme_relay(
         ca_bundle=pebble.ca_bundle,
         issue_timeout=60,
         retry_first=retry_first,
+        caa=caa,
     )
     config = RelayConfig(
         domain=DOMAIN,
@@ -138,10 +154,11 @@ def acme_relay(
         auto_cert=True,
         dns_listen=(("127.0.0.1", dns_port),),
         public_ips=("127.0.0.1",),
+        dns_caa=caa,
     )
     zone = dnsserver.dns_zone(config)
     assert zone is not None
-    manager = acme.CertificateManager(settings, zone, clock=clock)
+    manager = acme.CertificateManager(settings, zone, caa=zone, clock=clock)
     thread = LoopThread("acme-relay")
     relay: Relay | None = None
     dns: dnsserver.DnsServer | None = None
@@ -245,6 +262,220 @@ def test_with_the_ca_gone_the_relay_serves_on_and_retries_with_back_off(
         assert relay.served() == before
         out = _curl(tunnel.url, relay.root)
         assert out.returncode == 0, out.stderr
+
+
+# -- CAA bound to the relay's account (RFC 8657) -----------------------------------------
+
+
+def _dig_caa(port: int) -> str:
+    out = subprocess.run(
+        ["dig", "@127.0.0.1", "-p", str(port), DOMAIN, "CAA", "+short", "+norecurse"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def test_dns_caa_is_bound_to_the_relays_acme_account(tmp_path: Path) -> None:
+    with pebble_asking_the_relay(tmp_path / "pebble") as pebble:
+        _, dns_port = pebble
+        with acme_relay(tmp_path / "state", pebble, caa="pebble.example") as relay:
+            assert relay.manager.orders == 1
+            account = relay.manager.caa_bound
+            assert account is not None
+            assert account.startswith(pebble[0].directory.removesuffix("/dir"))
+            # pebble's directory names no CAA identity: the operator's --dns-caa is the CA.
+            assert _dig_caa(dns_port) == f'0 issue "pebble.example; accounturi={account}"'
+            resolver = dns.resolver.make_resolver_at("127.0.0.1", port=dns_port)
+            assert [(r.flags, r.tag, r.value) for r in resolver.resolve(DOMAIN, "CAA")] == [
+                (0, b"issue", f"pebble.example; accounturi={account}".encode())
+            ]
+        # A restart with the stored certificate places no order, and binds CAA all the
+        # same: to the account the stored key has.
+        with acme_relay(tmp_path / "state", pebble, caa="pebble.example") as relay:
+            assert relay.manager.orders == 0
+            wait_until(lambda: relay.manager.caa_bound == account, "CAA bound again")
+            assert _dig_caa(dns_port) == f'0 issue "pebble.example; accounturi={account}"'
+
+
+def test_without_dns_caa_no_caa_record_is_published(tmp_path: Path) -> None:
+    with (
+        pebble_asking_the_relay(tmp_path / "pebble") as pebble,
+        acme_relay(tmp_path / "state", pebble) as relay,
+    ):
+        assert relay.manager.orders == 1
+        assert relay.manager.caa_bound is None
+        assert _dig_caa(pebble[1]) == ""
+
+
+# -- renewals under load ---------------------------------------------------------------
+
+
+class Visit(http.client.HTTPConnection):
+    """HTTPS to a tunnel's ``host`` through the relay's port on 127.0.0.1, trusting
+    pebble's root; ``fingerprint`` is the SHA-256 of the certificate it got."""
+
+    def __init__(self, host: str, port: int, root: Path) -> None:
+        super().__init__(host, port, timeout=10)
+        self._context = ssl.create_default_context(cafile=str(root))
+        self._context.set_alpn_protocols(["http/1.1"])
+        self.fingerprint = ""
+
+    def connect(self) -> None:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.fingerprint = hashlib.sha256(
+            self.sock.getpeercert(binary_form=True) or b""
+        ).hexdigest()
+
+    def get(self, close: bool = False) -> bytes:
+        self.request("GET", "/page", headers={"connection": "close"} if close else {})
+        response = self.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise AssertionError(f"{response.status} {body[:200]!r}")
+        return body
+
+
+@dataclass
+class Handshake:
+    """A fresh connection: the certificate the relay served before it began and after
+    it ended (what ``Relay.certificate`` said), and the one the client got."""
+
+    before: str
+    got: str
+    after: str
+
+
+@dataclass
+class Load:
+    """A kept-alive connection sending requests back to back, and a fresh TLS connection
+    every ``FRESH_EVERY`` seconds, until told to stop."""
+
+    relay: AcmeRelay
+    host: str
+    page: bytes
+    stop: threading.Event = field(default_factory=threading.Event)
+    requests: int = 0
+    kept_alive_through: set[str] = field(default_factory=set)
+    """The certificates the relay served while the kept-alive connection's requests ran."""
+    handshakes: list[Handshake] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def serving(self) -> str:
+        return self.relay.relay.certificate.fingerprint
+
+    def kept_alive(self) -> None:
+        visit = Visit(self.host, self.relay.relay.bound_port, self.relay.root)
+        try:
+            visit.connect()
+            sock = visit.sock
+            while not self.stop.is_set():
+                try:
+                    assert visit.get() == self.page
+                    assert visit.sock is sock, "the connection was made again"
+                except Exception as exc:  # every failure is counted
+                    with self.lock:
+                        self.failures.append(f"kept-alive: {exc!r}")
+                    return
+                with self.lock:
+                    self.requests += 1
+                    self.kept_alive_through.add(self.serving())
+        finally:
+            visit.close()
+
+    def swaps(self, first: str) -> list[str]:
+        """The certificates the relay swapped in after ``first``, in order."""
+        with self.lock:
+            served = [first] + [h.after for h in self.handshakes]
+        return [new for old, new in itertools.pairwise(served) if new != old]
+
+    def since_last_swap(self) -> int:
+        """Fresh connections made wholly while the certificate served now was."""
+        now = self.serving()
+        with self.lock:
+            return sum(h.before == h.after == now for h in self.handshakes)
+
+    def fresh_connections(self) -> None:
+        while not self.stop.wait(FRESH_EVERY):
+            before = self.serving()
+            visit = Visit(self.host, self.relay.relay.bound_port, self.relay.root)
+            try:
+                assert visit.get(close=True) == self.page
+            except Exception as exc:  # every failure is counted
+                with self.lock:
+                    self.failures.append(f"fresh: {exc!r}")
+                continue
+            finally:
+                visit.close()
+            with self.lock:
+                self.requests += 1
+                self.handshakes.append(Handshake(before, visit.fingerprint, self.serving()))
+
+
+def test_renewals_under_load_drop_nothing_and_new_handshakes_get_the_new_certificate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "burrow.relay")
+    page = b"served through every renewal"
+    with (
+        pebble_asking_the_relay(tmp_path / "pebble", validity_seconds=SHORT_LIFE) as pebble,
+        acme_relay(tmp_path / "state", pebble, retry_first=1) as relay,
+        http_server(files={"page": page}) as server,
+    ):
+        opening = burrow.forward(server.port, client=relay.client())
+        with opening as tunnel:
+            agent = opening._session
+            assert isinstance(agent, AgentSession)
+            host = tunnel.url.removeprefix("https://").split(":")[0]
+            load = Load(relay, host, page)
+            first = load.serving()
+            threads = [
+                threading.Thread(target=load.kept_alive),
+                threading.Thread(target=load.fresh_connections),
+            ]
+            for thread in threads:
+                thread.start()
+            try:
+                # Until the relay has swapped in two renewed certificates and a few fresh
+                # connections came after the last; bounded by the certificates' lives.
+                wait_until(
+                    lambda: len(load.swaps(first)) >= RENEWALS and load.since_last_swap() >= 3,
+                    f"{RENEWALS} renewals under load",
+                    (RENEWALS + 1) * SHORT_LIFE,
+                )
+            finally:
+                load.stop.set()
+                for thread in threads:
+                    thread.join(30)
+            swaps = load.swaps(first)
+            print(
+                f"\n{relay.manager.orders} orders, {len(swaps)} swaps: {load.requests} requests "
+                f"({len(load.handshakes)} on fresh TLS connections), "
+                f"{len(load.failures)} failed, {agent.reconnects} agent reconnects"
+            )
+            assert load.failures == []
+            assert agent.reconnects == 0
+            assert relay.manager.orders >= RENEWALS + 1
+            assert len(swaps) >= RENEWALS and len(set(swaps)) == len(swaps)
+            assert first not in swaps
+            # One step: a handshake got the certificate served when it began or, if a
+            # swap came while it ran, the new one; never an older one.
+            assert all(h.got in (h.before, h.after) for h in load.handshakes), load.handshakes
+            # Every certificate was seen by fresh handshakes made wholly after its swap.
+            for cert in swaps:
+                assert any(h.before == h.after == h.got == cert for h in load.handshakes)
+            # The kept-alive connection, made with the first certificate, went on
+            # through every swap.
+            assert load.kept_alive_through == {first, *swaps}
+            # The relay serves what the ACME client stored last.
+            stored = relay.manager.settings.cert.read_text()
+            assert hashlib.sha256(ssl.PEM_cert_to_DER_cert(stored)).hexdigest() == swaps[-1]
+            # Renewed on time, so never said to be overdue.
+            assert "has not been renewed" not in caplog.text
 
 
 # -- bad input: one line that says what to fix -----------------------------------

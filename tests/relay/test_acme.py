@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +15,7 @@ import pytest
 from burrow.net import devca
 from burrow.relay import acme
 from burrow.relay.acme import Certificate, Schedule
+from burrow.relay.certs import CertificateError
 
 DAY = 86400.0
 # A Let's Encrypt certificate today: 90 days.
@@ -127,3 +131,145 @@ def test_ari_certificate_id_is_key_id_dot_serial(tmp_path: Path) -> None:
     assert cert_id is not None
     key_id, serial = cert_id.split(".")
     assert "=" not in cert_id and key_id and serial
+
+
+# -- the renewal loop, with a CA that answers at once ---------------------------------
+
+
+LIFE = 24.0
+
+
+class InstantCa:
+    """Stands in for :class:`~burrow.relay.acme.AcmeClient`: every order succeeds at
+    once with a certificate that starts ``now``."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+
+    def begin_order(self) -> tuple[None, list[str], bytes]:
+        return None, [], b""
+
+    def finish_order(self, order: None, key_pem: bytes) -> Certificate:
+        now = self.clock()
+        return Certificate(pem=b"", not_before=now, not_after=now + LIFE)
+
+    def renewal_window(self, cert: Certificate) -> None:
+        return None
+
+
+class NoSink:
+    def set_challenge(self, values: list[str]) -> None:
+        raise AssertionError("no challenge to publish")
+
+    def clear_challenge(self) -> None:
+        raise AssertionError("no challenge to clear")
+
+
+def _manager(tmp_path: Path, clock: Callable[[], float]) -> acme.CertificateManager:
+    settings = acme.AcmeSettings(domain="r1.example", state_dir=tmp_path, retry_first=0.01)
+    manager = acme.CertificateManager(settings, NoSink(), clock=clock, random=fixed(1.0))
+    manager.client = InstantCa(clock)  # type: ignore[assignment]
+    # Due now: two thirds of its life gone, which is also a third left.
+    now = clock()
+    manager.current = Certificate(pem=b"", not_before=now - 2 * LIFE / 3, not_after=now + LIFE / 3)
+    return manager
+
+
+async def _renew_until(manager: acme.CertificateManager, installs: int, refuse: int = 0) -> None:
+    """Run the renewal loop until ``installs`` certificates were installed, the first
+    ``refuse`` of them refused as a relay refuses a bad pair."""
+    done = asyncio.Event()
+    seen: list[Certificate] = []
+
+    def installed(cert: Certificate) -> None:
+        seen.append(cert)
+        if len(seen) <= refuse:
+            raise CertificateError("it is not valid before ...")
+        if len(seen) == installs + refuse:
+            done.set()
+
+    task = asyncio.create_task(manager.run(installed))
+    try:
+        async with asyncio.timeout(10):
+            await done.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_renewal_on_time_gives_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "burrow.relay.acme")
+    manager = _manager(tmp_path, time.time)
+    await _renew_until(manager, installs=1)
+    assert manager.orders == 1
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_certificate_the_relay_refuses_is_a_failed_renewal_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "burrow.relay.acme")
+    manager = _manager(tmp_path, time.time)
+    await _renew_until(manager, installs=1, refuse=1)
+    assert manager.orders == 2
+    failed = [r.getMessage() for r in caplog.records if "renewing the certificate" in r.msg]
+    assert len(failed) == 1 and "it is not valid before" in failed[0]
+    # The failed try is what the warning at a third left reports.
+    assert "has not been renewed (1 failed tries)" in caplog.text
+
+
+# -- CAA bound to the account (RFC 8657) ------------------------------------------------
+
+
+class Account:
+    """Stands in for the client's account at a CA whose directory lists ``identities``."""
+
+    def __init__(self, identities: tuple[str, ...]) -> None:
+        self.identities = identities
+        self.asked = 0
+
+    def account(self) -> tuple[str, tuple[str, ...]]:
+        self.asked += 1
+        return "https://ca.example/acme/acct/42", self.identities
+
+
+class CaaRecord:
+    def __init__(self) -> None:
+        self.value: tuple[str | None, str | None] | None = None
+
+    def set_caa(self, issuer: str | None, account_uri: str | None = None) -> None:
+        self.value = (issuer, account_uri)
+
+
+@pytest.mark.parametrize(
+    ("operator", "identities", "issuer"),
+    [
+        ("letsencrypt.org", (), "letsencrypt.org"),  # the directory names none
+        ("letsencrypt.org", ("letsencrypt.org",), "letsencrypt.org"),
+        ("b.example", ("a.example", "b.example"), "b.example"),  # the operator's, listed
+        ("typo.example", ("letsencrypt.org",), "letsencrypt.org"),  # what the CA checks
+    ],
+)
+async def test_caa_names_the_ca_and_the_account(
+    tmp_path: Path, operator: str, identities: tuple[str, ...], issuer: str
+) -> None:
+    settings = acme.AcmeSettings(domain="r1.example", state_dir=tmp_path, caa=operator)
+    record = CaaRecord()
+    manager = acme.CertificateManager(settings, NoSink(), caa=record)
+    manager.client = Account(identities)  # type: ignore[assignment]
+    await manager.bind_caa()
+    await manager.bind_caa()
+    assert record.value == (issuer, "https://ca.example/acme/acct/42")
+    assert manager.client.asked == 1  # type: ignore[attr-defined]  # once per manager
+
+
+async def test_without_dns_caa_caa_is_left_alone(tmp_path: Path) -> None:
+    settings = acme.AcmeSettings(domain="r1.example", state_dir=tmp_path)
+    record = CaaRecord()
+    manager = acme.CertificateManager(settings, NoSink(), caa=record)
+    manager.client = Account(("letsencrypt.org",))  # type: ignore[assignment]
+    await manager.bind_caa()
+    assert record.value is None and manager.client.asked == 0  # type: ignore[attr-defined]

@@ -81,6 +81,12 @@ class ChallengeSink(Protocol):
     def clear_challenge(self) -> None: ...
 
 
+class CaaSink(Protocol):
+    """Where the CAA record of ``<domain>`` goes: the relay's DNS zone."""
+
+    def set_caa(self, issuer: str | None, account_uri: str | None = None) -> None: ...
+
+
 class AcmeError(Error):
     """Getting a certificate failed; the message is one line that says what to fix."""
 
@@ -111,6 +117,10 @@ class AcmeSettings:
     issue_timeout: float = ACME_TIMEOUT
     """Seconds the relay waits for its first certificate before it gives up."""
 
+    caa: str | None = None
+    """The CA's domain from ``--dns-caa``: when given, the zone's CAA record is bound to
+    this relay's account (RFC 8657) once it is known; None leaves CAA alone."""
+
     retry_first: float = RETRY_FIRST
     """Seconds before the first retry of a failed renewal (then doubling)."""
 
@@ -131,6 +141,7 @@ class AcmeSettings:
             directory=config.acme_directory,
             ca_bundle=config.acme_ca_bundle,
             issue_timeout=config.acme_timeout,
+            caa=config.dns_caa,
         )
 
     @property
@@ -448,6 +459,14 @@ class AcmeClient:
         write_atomically(path, combined, _PUBLIC_MODE)
         return path
 
+    def account(self) -> tuple[str, tuple[str, ...]]:
+        """This relay's account URI at the CA, and the CA's CAA identities (the
+        directory's ``meta.caaIdentities``, maybe none)."""
+        acme = self.connect()
+        assert acme.net.account is not None
+        identities = acme.directory.meta.caa_identities or ()
+        return acme.net.account.uri, tuple(identities)
+
     def renewal_window(self, cert: Certificate) -> tuple[float, float] | None:
         """The CA's suggested renewal window for ``cert`` (RFC 9773), or None."""
         acme = self.connect()
@@ -564,6 +583,8 @@ class AcmeClient:
 class CertificateManager:
     """Gets the relay its certificate, then keeps it renewed.
 
+    With ``settings.caa`` and a ``caa`` sink, the CAA record is bound to the
+    account before the first order (and at the start of the renewals).
     ``clock`` (epoch seconds) and ``random`` are injected for the tests.
     """
 
@@ -572,11 +593,15 @@ class CertificateManager:
         settings: AcmeSettings,
         sink: ChallengeSink,
         *,
+        caa: CaaSink | None = None,
         clock: Callable[[], float] = time.time,
         random: Callable[[], float] = _random.random,
     ) -> None:
         self.settings = settings
         self.sink = sink
+        self.caa = caa
+        self.caa_bound: str | None = None
+        """The account URI the CAA record names, once published."""
         self.clock = clock
         self.random = random
         self.client = AcmeClient(settings)
@@ -585,9 +610,38 @@ class CertificateManager:
         """Orders placed by this manager (the tests count them)."""
         self.schedule: Schedule | None = None
 
+    async def bind_caa(self) -> None:
+        """Publish ``CAA 0 issue "<CA>; accounturi=<account>"`` (RFC 8657) if the operator
+        asked for CAA, once: only this relay's account may get certificates for the zone.
+
+        The CA's domain is the one its directory names (``meta.caaIdentities``), the
+        operator's ``--dns-caa`` if that is among them or there are none.
+        """
+        if self.caa is None or self.settings.caa is None or self.caa_bound is not None:
+            return
+        uri, identities = await asyncio.to_thread(self.client.account)
+        issuer = self.settings.caa
+        if identities and issuer not in identities:
+            log.warning(
+                "--dns-caa %s is not among the CA's CAA identities (%s): publishing CAA for %s",
+                issuer,
+                ", ".join(identities),
+                identities[0],
+            )
+            issuer = identities[0]
+        try:
+            self.caa.set_caa(issuer, uri)
+        except ValueError as exc:  # what the CA sent cannot be a CAA value
+            log.warning("CAA for %s not bound to the ACME account: %s", self.settings.domain, exc)
+            return
+        self.caa_bound = uri
+        log.info('CAA for %s: 0 issue "%s; accounturi=%s"', self.settings.domain, issuer, uri)
+
     async def issue(self) -> Certificate:
         """Place one order and wait for its certificate (stored on success)."""
         self.orders += 1
+        # Before the order: the CA checks CAA when it validates.
+        await self.bind_caa()
         order, values, key_pem = await asyncio.to_thread(self.client.begin_order)
         # Both names' values at once: they share _acme-challenge.<domain>.
         if values:
@@ -650,13 +704,42 @@ class CertificateManager:
             return None
 
     async def run(self, installed: Callable[[Certificate], object]) -> None:
-        """Renew for ever; ``installed`` is called with each new certificate (on disk)."""
+        """Renew for ever; ``installed`` is called with each new certificate (on disk).
+
+        A certificate ``installed`` refuses (an :class:`InvalidError`, such as the
+        relay's ``CertificateError``) counts as a failed renewal and is tried again.
+        """
         assert self.current is not None, "ensure() first"
         settings = self.settings
+        try:  # a restart with a stored certificate has not talked to the CA yet
+            await self.bind_caa()
+        except Error as exc:
+            log.info("CAA not bound to the ACME account yet (%s): again at the renewal", exc)
         schedule = self._new_schedule(self.current, await self._window(self.current))
         log.info("certificate for %s renews at %s", settings.domain, _when(schedule.renew_at))
         while True:
             await asyncio.sleep(max(0.0, schedule.next_wake() - self.clock()))
+            if schedule.due(self.clock()):
+                # The renewal first: at two thirds of the life it is due just as the
+                # warning at a third left is, which is only for one not renewed.
+                try:
+                    cert = await self.issue()
+                    installed(cert)
+                except (AcmeError, InvalidError) as exc:
+                    delay = schedule.failed(self.clock(), self.random)
+                    log.warning(
+                        "renewing the certificate for %s failed: %s; next try in %.1fs",
+                        settings.domain,
+                        exc,
+                        delay,
+                    )
+                else:
+                    self.current = cert
+                    schedule = self._new_schedule(cert, await self._window(cert))
+                    log.info(
+                        "certificate for %s renews at %s", settings.domain, _when(schedule.renew_at)
+                    )
+                    continue
             now = self.clock()
             level = schedule.alarm(now)
             if level is not None:
@@ -669,23 +752,6 @@ class CertificateManager:
                     100 * max(0.0, schedule.cert.left(now)),
                     "" if schedule.failures == 0 else f" ({schedule.failures} failed tries)",
                 )
-            if not schedule.due(now):
-                continue
-            try:
-                cert = await self.issue()
-            except (AcmeError, InvalidError) as exc:
-                delay = schedule.failed(self.clock(), self.random)
-                log.warning(
-                    "renewing the certificate for %s failed: %s; next try in %.1fs",
-                    settings.domain,
-                    exc,
-                    delay,
-                )
-                continue
-            self.current = cert
-            installed(cert)
-            schedule = self._new_schedule(cert, await self._window(cert))
-            log.info("certificate for %s renews at %s", settings.domain, _when(schedule.renew_at))
 
     def _new_schedule(self, cert: Certificate, window: tuple[float, float] | None) -> Schedule:
         self.schedule = Schedule.for_certificate(

@@ -24,7 +24,7 @@ from burrow.relay.server import LISTEN_BACKLOG, Relay
 from burrow.relay.workers import Worker, bind_listeners, run_workers
 
 if TYPE_CHECKING:  # the ACME client loads only for --auto-cert
-    from burrow.relay.acme import CertificateManager, ChallengeSink
+    from burrow.relay.acme import CaaSink, CertificateManager, ChallengeSink
 
 log = logging.getLogger("burrow.relay")
 
@@ -144,9 +144,12 @@ class UnservedChallenge:
 
 
 async def obtain_certificate(
-    config: RelayConfig, challenges: ChallengeSink | None = None
+    config: RelayConfig, challenges: ChallengeSink | None = None, caa: CaaSink | None = None
 ) -> CertificateManager:
     """``--auto-cert``: the stored certificate while it is good, else a new one from the CA.
+
+    With ``--dns-caa``, ``caa`` (the relay's zone) gets the CAA record bound to the
+    relay's ACME account.
 
     Raises :class:`~burrow.relay.acme.AcmeError` (one line: what to fix) when
     none comes within ``config.acme_timeout``. The relay serves TLS only after.
@@ -155,7 +158,7 @@ async def obtain_certificate(
 
     settings = acme.AcmeSettings.of(config)
     sink = challenges if challenges is not None else UnservedChallenge(settings.domain)
-    manager = acme.CertificateManager(settings, sink)
+    manager = acme.CertificateManager(settings, sink, caa=caa)
     await manager.ensure()
     return manager
 
@@ -209,7 +212,9 @@ def run_relay(
             dns = await start_dns(config, zone=zone)  # first: ACME needs it
             renewals = None
             try:
-                manager = await obtain_certificate(config, challenges) if config.auto_cert else None
+                manager = (
+                    await obtain_certificate(config, challenges, zone) if config.auto_cert else None
+                )
                 relay = await (start_loopback(config) if loopback else Relay.start(config))
                 renewals = keep_renewed(manager, relay) if manager is not None else None
 
@@ -237,7 +242,7 @@ def run_relay(
         async def first_certificate() -> None:
             dns = await start_dns(config, [sock.dup() for sock in dns_sockets], zone)
             try:
-                await obtain_certificate(config, challenges)
+                await obtain_certificate(config, challenges, zone)
             finally:
                 if dns is not None:
                     await dns.close()
@@ -270,7 +275,9 @@ def run_relay(
             try:
                 relay = await Relay.start(config, worker=worker, sockets=sockets)
                 if config.auto_cert and worker.index == 0:  # one process renews
-                    renewals = keep_renewed(await obtain_certificate(config, challenges), relay)
+                    renewals = keep_renewed(
+                        await obtain_certificate(config, challenges, zone), relay
+                    )
                 await serve(relay)
             finally:
                 if renewals is not None:
