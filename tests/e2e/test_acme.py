@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import itertools
 import logging
+import signal
 import socket
 import ssl
 import subprocess
@@ -26,8 +27,8 @@ from typing import Any, Final
 
 import dns.resolver
 import pytest
-from backends import free_port, http_server
-from devrelay import BURROW, clean_env
+from backends import free_port, http_server, wait_for_port
+from devrelay import BURROW, clean_env, stop
 from harness import wait_until
 from pebble import Pebble, run_pebble, start_pebble
 
@@ -476,6 +477,97 @@ def test_renewals_under_load_drop_nothing_and_new_handshakes_get_the_new_certifi
             assert hashlib.sha256(ssl.PEM_cert_to_DER_cert(stored)).hexdigest() == swaps[-1]
             # Renewed on time, so never said to be overdue.
             assert "has not been renewed" not in caplog.text
+
+
+# -- workers -------------------------------------------------------------------------------
+
+# Certificates for the workers' test live this long: renewed after 8 s.
+WORKERS_LIFE: Final = 12
+
+
+def _fingerprint(pem_file: Path) -> str:
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem_file.read_text())).hexdigest()
+
+
+def _served_by_every_worker(port: int, root: Path) -> set[str]:
+    """The certificates fresh handshakes get. A name's handshake is done by the worker
+    that owns it (a fixed hash of the name): sixteen names reach both workers."""
+    context = ssl.create_default_context(cafile=str(root))
+    seen = set()
+    for label in (f"l{i:013d}" for i in range(16)):
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+            context.wrap_socket(sock, server_hostname=f"{label}.{DOMAIN}") as tls,
+        ):
+            seen.add(hashlib.sha256(tls.getpeercert(binary_form=True) or b"").hexdigest())
+    return seen
+
+
+def test_with_workers_the_first_certificate_comes_before_the_fork_and_worker_0_renews(
+    tmp_path: Path,
+) -> None:
+    state, log = tmp_path / "state", tmp_path / "relay.log"
+    key = tokens.generate_signing_key()
+    public_key = tmp_path / "token-public.pem"
+    tokens.write_public_key(key, public_key)
+    port = free_port()
+    with pebble_asking_the_relay(tmp_path / "pebble", validity_seconds=WORKERS_LIFE) as (
+        pebble,
+        dns_port,
+    ):
+        with log.open("wb") as out:
+            relay = subprocess.Popen(
+                [
+                    *BURROW,
+                    "relay",
+                    "--domain",
+                    DOMAIN,
+                    "--auto-cert",
+                    "--state-dir",
+                    str(state),
+                    "--token-key",
+                    str(public_key),
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--workers",
+                    "2",
+                    "--acme-directory",
+                    pebble.directory,
+                    "--acme-ca-bundle",
+                    str(pebble.ca_bundle),
+                    "--dns-listen",
+                    f"127.0.0.1:{dns_port}",
+                    "--public-ip",
+                    "127.0.0.1",
+                ],
+                env=clean_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=out,
+            )
+        try:
+            # The listeners are bound once the first certificate is in.
+            wait_for_port(port, timeout=60, alive=lambda: relay.poll() is None)
+            root = pebble.write_root(tmp_path / "root.pem")
+            cert = state / "acme" / acme.CERT_FILE
+            first = _fingerprint(cert)
+            assert _served_by_every_worker(port, root) == {first}
+            wait_until(lambda: _fingerprint(cert) != first, "a renewal", 3 * WORKERS_LIFE)
+            renewed = _fingerprint(cert)
+            wait_until(
+                lambda: _served_by_every_worker(port, root) == {renewed},
+                "every worker serving the renewed certificate",
+            )
+        finally:
+            stop(relay, sig=signal.SIGTERM)
+    text = log.read_text()
+    issued = [line for line in text.splitlines() if "issued, valid until" in line]
+    assert len(issued) >= 2, text
+    # The first from the supervisor before the fork, renewals from worker 0 alone.
+    assert "acme[" not in issued[0] and all("acme[0]: " in line for line in issued[1:]), issued
+    assert "acme[1]" not in text
+    assert "[0]: TLS certificate" in text and "[1]: TLS certificate" in text, text
+    assert "Traceback" not in text
 
 
 # -- bad input: one line that says what to fix -----------------------------------
