@@ -46,12 +46,18 @@ def server_context(cert: Path, key: Path, alpn: Sequence[str]) -> ssl.SSLContext
         serialization.load_pem_private_key(_read(key, "private key"), password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise InvalidError(f"{key} is not an unencrypted PEM private key") from None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = MINIMUM_TLS_VERSION
     try:
-        context.load_cert_chain(cert, key)
+        return openssl_server_context(cert, key, alpn)
     except (ssl.SSLError, OSError) as exc:
         raise InvalidError(f"cannot use certificate {cert} with key {key}: {exc}") from exc
+
+
+def openssl_server_context(cert: Path, key: Path, alpn: Sequence[str]) -> ssl.SSLContext:
+    """The server context itself, with no checks of our own: OpenSSL's errors
+    (``ssl.SSLError``, ``OSError``) are the caller's to explain."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = MINIMUM_TLS_VERSION
+    context.load_cert_chain(cert, key)
     context.set_alpn_protocols(list(alpn))
     return context
 

@@ -151,14 +151,10 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def _context(cert: Path, key: Path, alpn: Sequence[str]) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = tls.MINIMUM_TLS_VERSION
     try:
-        context.load_cert_chain(cert, key)
+        return tls.openssl_server_context(cert, key, alpn)
     except (ssl.SSLError, OSError) as exc:
         raise CertificateError(f"OpenSSL cannot use it: {exc}") from exc
-    context.set_alpn_protocols(list(alpn))
-    return context
 
 
 def load(
