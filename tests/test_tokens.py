@@ -686,3 +686,12 @@ def test_check_time_is_what_verify_checks_and_what_a_relay_checks_later() -> Non
     assert refusal is not None and refusal.reason == "expired"
     assert str(refusal) == "token expired at 2026-01-01T00:01:00Z"
     assert check_time(grant, now=NOW + 61, leeway_seconds=0) is not None
+
+
+def test_no_token_id_reads_as_a_command_line_option() -> None:
+    from burrow import tokens
+
+    key = tokens.generate_signing_key()
+    # A random id starts with "-" one time in 64: 2,000 tokens would show it.
+    ids = {tokens.token_id_of(tokens.mint(key, subject="s", ttl_seconds=60)) for _ in range(2000)}
+    assert not [i for i in ids if i.startswith("-")]

@@ -199,6 +199,14 @@ def read_public_key(path: Path) -> Ed25519PublicKey:
 # Minting and verifying
 
 
+def _new_token_id() -> str:
+    # One starting with "-" would read as an option in `burrow token revoke ID`.
+    while True:
+        token_id = secrets.token_urlsafe(TOKEN_ID_BYTES)
+        if not token_id.startswith("-"):
+            return token_id
+
+
 def mint(
     key: Ed25519PrivateKey,
     *,
@@ -229,7 +237,7 @@ def mint(
         "iss": TOKEN_ISSUER,
         "sub": subject,
         "iat": issued_at,
-        "jti": secrets.token_urlsafe(TOKEN_ID_BYTES),
+        "jti": _new_token_id(),
     }
     if ttl_seconds is not None:
         payload["exp"] = issued_at + ttl_seconds
