@@ -73,7 +73,10 @@ class AdminClient:
                 text = response.read().decode("utf-8", errors="replace")
         except urllib.error.HTTPError as exc:
             with exc:
-                text = exc.read().decode("utf-8", errors="replace")
+                try:
+                    text = exc.read().decode("utf-8", errors="replace")
+                except OSError:
+                    text = ""
             raise self._refusal(exc.code, text) from None
         except urllib.error.URLError as exc:
             raise self._unreachable(exc.reason) from None
@@ -124,6 +127,8 @@ class AdminClient:
             )
         if said is None:
             return AdminError(f"{self.url} answered HTTP {status} without an error message")
+        if status >= 500:
+            return AdminError(f"the relay failed: {said} (HTTP {status})")
         return AdminError(f"the relay refused: {said} (HTTP {status})")
 
 

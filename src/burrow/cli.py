@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import click
 
@@ -183,6 +183,51 @@ _workers_option = click.option(
     show_default=True,
     help="Relay processes sharing the port; one per core uses every core.",
 )
+# Where Prometheus, the admin API and the dashboard are served (burrow.relay.admin).
+METRICS_PORT: Final = 9100
+
+
+def _metrics_options(command: _Command) -> _Command:
+    """The operator's listener: metrics, health checks, the admin API and the dashboard."""
+    for option in (
+        click.option(
+            "--admin-token-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="File holding the bearer token the admin API asks for (one line, 16 "
+            "characters or more). Needed for --metrics beyond loopback.",
+        ),
+        click.option(
+            "--metrics",
+            "metrics",
+            metavar="HOST:PORT",
+            default=None,
+            help=f"Serve /metrics (Prometheus), /healthz, /readyz, the admin API and a "
+            f"dashboard on this address (port {METRICS_PORT} if left out). Off by default.",
+        ),
+    ):
+        command = option(command)
+    return command
+
+
+def _metrics_settings(metrics: str | None, admin_token_file: Path | None) -> dict[str, Any]:
+    """RelayConfig's ``metrics_listen`` and ``admin_token`` from the two options."""
+    if admin_token_file is not None and metrics is None:
+        raise click.UsageError("--admin-token-file is for the --metrics listener: add --metrics")
+    if metrics is None:
+        return {}
+    from burrow.relay.admin import check_listen, read_admin_token
+
+    listen = names.parse_address(metrics, METRICS_PORT)
+    token = read_admin_token(admin_token_file) if admin_token_file is not None else None
+    check_listen(listen[0], token)
+    return {"metrics_listen": listen, "admin_token": token}
+
+
+def _print_metrics_url(url: str) -> None:
+    click.echo(f"metrics, admin API and dashboard on {url}")
+
+
 _tcp_ports_option = click.option(
     "--tcp-ports",
     type=_Range(),
@@ -347,6 +392,7 @@ main.add_command(launch)  # burrow launch jupyter|shell: src/burrow/launch/
 @_max_sessions_option
 @_tunnel_rate_option
 @_workers_option
+@_metrics_options
 @_log_level_option
 def relay(
     domain: str,
@@ -379,6 +425,8 @@ def relay(
     max_sessions_per_token: int,
     tunnel_rate: float,
     workers: int,
+    metrics: str | None,
+    admin_token_file: Path | None,
     log_level: str,
 ) -> None:
     """Run a relay: visitors and agents on one TLS port, raw TCP tunnels on a range."""
@@ -422,11 +470,12 @@ def relay(
             max_tunnels_per_token=max_tunnels_per_token,
             max_sessions_per_token=max_sessions_per_token,
             tunnel_creations_per_second=tunnel_rate,
+            **_metrics_settings(metrics, admin_token_file),
         )
         if configfile.checking():  # --check-config: valid, so show it and start nothing
             click.echo(configfile.effective_settings(click.get_current_context()))
             return
-        process.run_relay(config, workers=workers)
+        process.run_relay(config, workers=workers, on_metrics=_print_metrics_url)
     except (Error, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -515,6 +564,7 @@ def _dns_settings(
 @_max_sessions_option
 @_tunnel_rate_option
 @_workers_option
+@_metrics_options
 @_log_level_option
 def dev_command(
     port: int,
@@ -531,6 +581,8 @@ def dev_command(
     max_sessions_per_token: int,
     tunnel_rate: float,
     workers: int,
+    metrics: str | None,
+    admin_token_file: Path | None,
     log_level: str,
 ) -> None:
     """Run a relay on loopback for r1.localhost, with a CA it generates and keeps."""
@@ -548,8 +600,9 @@ def dev_command(
                 heartbeat=heartbeat,
                 drain_timeout=drain_timeout,
                 max_tunnels_per_token=max_tunnels_per_token,
-            max_sessions_per_token=max_sessions_per_token,
+                max_sessions_per_token=max_sessions_per_token,
                 tunnel_creations_per_second=tunnel_rate,
+                **_metrics_settings(metrics, admin_token_file),
             ),
         )
     except (Error, OSError) as exc:
@@ -575,6 +628,7 @@ def dev_command(
             workers=workers,
             loopback=True,
             on_started=lambda port, listening: started(prepared.env(port), listening),
+            on_metrics=_print_metrics_url,
         )
     except (Error, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -607,9 +661,7 @@ def _show(host: str, port: int) -> str:
     type=click.Choice(["debug", "info", "warning", "error"]),
     help="What the agent logs to stderr.",
 )
-def forward_command(
-    port: int, tcp: bool, h2: bool, allow: tuple[str, ...], log_level: str
-) -> None:
+def forward_command(port: int, tcp: bool, h2: bool, allow: tuple[str, ...], log_level: str) -> None:
     """Publish a local PORT until Ctrl-C; prints its URL (and TCP socket)."""
     import burrow
 

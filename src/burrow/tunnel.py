@@ -84,6 +84,4 @@ def _run_blocking(coro: Coroutine[Any, Any, None]) -> None:
         asyncio.run(coro)
         return
     coro.close()
-    raise InvalidError(
-        "wait_ready() blocks; in async code use `await tunnel.wait_ready.aio(...)`"
-    )
+    raise InvalidError("wait_ready() blocks; in async code use `await tunnel.wait_ready.aio(...)`")

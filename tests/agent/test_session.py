@@ -56,6 +56,8 @@ def _expected(code: str, stage: Stage) -> tuple[type[Error], str, bool]:
         return AuthError, f"the relay at {RELAY} ended the session: why", False
     if code == protocol.CODE_PORT_FORWARDED and stage == "open":
         return InvalidError, "why", False
+    if code == protocol.CODE_ENDED_BY_OPERATOR and stage == "session":
+        return RelayError, f"the relay at {RELAY} ended the session: why", False
     if stage == "open":
         message = "the relay refused to open a tunnel: why"
     return RelayError, message, code == protocol.CODE_SHUTTING_DOWN

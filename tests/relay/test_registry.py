@@ -32,6 +32,11 @@ class FakeSession:
     workload: str | None = None
     key: str = "key"
     closed: bool = False
+    carried: list[int] = field(default_factory=lambda: [0, 0])
+    peer: str = "127.0.0.1:1"
+    agent: str = "test"
+    connected_since: float = 0.0
+    pooled: int = 0
 
     def add_data_connection(self, channel: Channel) -> None:
         raise AssertionError("not used by the registry")

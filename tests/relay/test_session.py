@@ -20,6 +20,7 @@ from burrow.net.stream import Chunk, Receiver
 from burrow.relay.admission import Admission
 from burrow.relay.claims import ClaimSigner
 from burrow.relay.config import RelayConfig
+from burrow.relay.metrics import RelayMetrics
 from burrow.relay.quota import TokenQuotas
 from burrow.relay.registry import Registry, RelayTunnel
 from burrow.relay.session import RelaySession
@@ -80,6 +81,7 @@ class FakeRelay:
     tcp_host: str = DOMAIN
     free_tcp_port: int | None = 20001
     tcp_asked: list[int | None] = field(default_factory=list)
+    metrics: RelayMetrics = field(default_factory=RelayMetrics)
 
     async def open_tcp_port(self, tunnel: RelayTunnel, port: int | None = None) -> None:
         self.tcp_asked.append(port)

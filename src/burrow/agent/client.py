@@ -33,6 +33,7 @@ from burrow.wire import allowlist
 
 T = TypeVar("T")
 
+
 @dataclass(frozen=True)
 class Client:
     """Explicit relay settings; any left as ``None`` come from the environment."""

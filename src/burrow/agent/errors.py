@@ -38,6 +38,8 @@ def from_wire(error: protocol.Error, relay: str, stage: Stage) -> Error:
         if stage == "hello":
             return AuthError(f"the relay at {relay} refused the token: {message}")
         return AuthError(f"the relay at {relay} ended the session: {message}")
+    if code == protocol.CODE_ENDED_BY_OPERATOR and stage == "session":
+        return RelayError(code, f"the relay at {relay} ended the session: {message}")
     if code == protocol.CODE_PORT_FORWARDED and stage == "open":
         return InvalidError(message)  # the relay's message is the one users know
     if stage == "open":

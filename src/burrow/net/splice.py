@@ -399,8 +399,6 @@ class KernelSplice(Splice):
             self._report_done()
 
 
-
-
 class Inspector(Protocol):
     """Reads what crosses an :class:`InspectedSplice`; ``a`` is the visitor's side.
 

@@ -15,6 +15,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
@@ -451,6 +452,8 @@ class TlsStream(Stream):
         self._hello = bytearray()
         self._prelude = prelude
         self.handshake_done = False
+        self.created = time.monotonic()
+        """When the connection came (``time.monotonic()``): a handshake's duration starts here."""
 
     # -- handshake --------------------------------------------------------
 

@@ -20,7 +20,7 @@ import datetime
 import logging
 import random as _random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
@@ -703,12 +703,18 @@ class CertificateManager:
             log.info("no renewal information from the CA (%s)", exc)
             return None
 
-    async def run(self, installed: Callable[[Certificate], object]) -> None:
+    async def run(
+        self,
+        installed: Callable[[Certificate], object],
+        outcomes: MutableMapping[str, int] | None = None,
+    ) -> None:
         """Renew for ever; ``installed`` is called with each new certificate (on disk).
 
         A certificate ``installed`` refuses (an :class:`InvalidError`, such as the
         relay's ``CertificateError``) counts as a failed renewal and is tried again.
+        ``outcomes`` counts the renewals: its ``ok`` and ``failed`` go up by one each.
         """
+        outcomes = outcomes if outcomes is not None else {"ok": 0, "failed": 0}
         assert self.current is not None, "ensure() first"
         settings = self.settings
         try:  # a restart with a stored certificate has not talked to the CA yet
@@ -726,6 +732,7 @@ class CertificateManager:
                     cert = await self.issue()
                     installed(cert)
                 except (AcmeError, InvalidError) as exc:
+                    outcomes["failed"] += 1
                     delay = schedule.failed(self.clock(), self.random)
                     log.warning(
                         "renewing the certificate for %s failed: %s; next try in %.1fs",
@@ -734,6 +741,7 @@ class CertificateManager:
                         delay,
                     )
                 else:
+                    outcomes["ok"] += 1
                     self.current = cert
                     schedule = self._new_schedule(cert, await self._window(cert))
                     log.info(

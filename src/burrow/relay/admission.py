@@ -18,6 +18,7 @@ from burrow import tokens
 from burrow.exception import InvalidError
 from burrow.relay.claims import Claim, ClaimSigner
 from burrow.relay.config import RelayConfig
+from burrow.relay.metrics import RelayMetrics
 from burrow.relay.quota import TokenQuotas
 from burrow.relay.registry import RelayTunnel
 from burrow.wire import allowlist, names, protocol
@@ -51,10 +52,12 @@ class Admission:
         revoked: Container[str] = frozenset(),
         owns: Callable[[str], bool] = lambda label: True,
         routes: Mapping[str, RelayTunnel] | None = None,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         """``revoked`` holds refused token ids; ``owns`` says whether a label is this
         process's (a claim for another worker's label is no good here); ``routes``
-        is the registry's route table, read to see whose a claimed label is now."""
+        is the registry's route table, read to see whose a claimed label is now;
+        ``metrics`` counts the tokens refused, by reason."""
         self.config = config
         self.domain = names.normalize_domain(config.domain)
         self.routes: Mapping[str, RelayTunnel] = routes if routes is not None else {}
@@ -63,6 +66,7 @@ class Admission:
         self.claims = claims
         self.revoked = revoked
         self.owns = owns
+        self.metrics = metrics if metrics is not None else RelayMetrics()
         self.shutting_down = False
         # Wall-clock time for tokens; a test sets it to move a token's life on.
         self.clock: Callable[[], float] = time.time
@@ -89,6 +93,7 @@ class Admission:
                 relay=self.domain,
             )
         except tokens.TokenError as exc:
+            self.metrics.count_auth_failure(exc.reason)
             return protocol.Error(code=protocol.CODE_AUTH, message=str(exc))
         if self.shutting_down:
             return protocol.Error(

@@ -213,5 +213,13 @@ class RelayConfig:
     dns_burst: int = DNS_BURST_PER_SOURCE
     """UDP queries one source may send at once before ``dns_rate`` applies."""
 
+    metrics_listen: tuple[str, int] | None = None
+    """(host, port) of the operator's listener: ``/metrics``, ``/healthz``, ``/readyz``,
+    the admin API and the dashboard (burrow.relay.admin); None: none."""
+
+    admin_token: str | None = None
+    """The bearer token the admin API asks for; without one the API only reads, and the
+    listener must be on loopback."""
+
     extra: dict[str, str] = field(default_factory=dict)
     """Free-form labels shown in logs."""

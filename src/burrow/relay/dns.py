@@ -29,6 +29,7 @@ import dns.rrset
 
 from burrow.relay.config import DNS_BURST_PER_SOURCE, DNS_RATE_PER_SOURCE
 from burrow.relay.handshakes import source_of
+from burrow.relay.metrics import DNS_ANSWERS, DNS_TYPES
 from burrow.relay.quota import RateLimit
 
 # The largest UDP response, whatever a query's EDNS0 buffer size asks for:
@@ -98,6 +99,13 @@ _CHALLENGE_VALUE: Final = re.compile(rf"[\x20\x21\x23-\x5b\x5d-\x7e]{{1,{MAX_CHA
 _CHALLENGE_LABEL: Final = "_acme-challenge"
 _NS_LABEL: Final = "ns1"
 # Questions about whole zones or mailboxes: a zone transfer is never offered.
+# What an answer's RCODE counts as (metrics.DNS_ANSWERS); any other is "malformed".
+_ANSWER_OF: Final = {
+    dns.rcode.NOERROR: "answered",
+    dns.rcode.NXDOMAIN: "nxdomain",
+    dns.rcode.REFUSED: "refused",
+}
+
 _REFUSED_TYPES: Final = frozenset(
     {dns.rdatatype.AXFR, dns.rdatatype.IXFR, dns.rdatatype.MAILA, dns.rdatatype.MAILB}
 )
@@ -194,6 +202,10 @@ class Zone:
         self.only_acme = only_acme
         self.origin = self.challenge_name if only_acme else self.domain
         self.serial = serial % 2**32
+        self.queries: dict[tuple[str, str], int] = {
+            (kind, answer): 0 for kind in DNS_TYPES for answer in DNS_ANSWERS
+        }
+        """Queries seen, by type and answer (metrics.DNS_TYPES, metrics.DNS_ANSWERS)."""
         v4: list[dns.rdata.Rdata] = []
         v6: list[dns.rdata.Rdata] = []
         for text in addresses:
@@ -285,17 +297,32 @@ class Zone:
         except Exception:
             # Whatever dnspython rejects (its exceptions are many and not all
             # DNSException) is the sender's fault: answer FORMERR if we can.
+            self.queries["other", "malformed"] += 1
             return _header_error(query_wire, dns.rcode.FORMERR)
         if query.flags & dns.flags.QR:
+            self.queries["other", "malformed"] += 1
             return None  # a response: answering it could start a loop between servers
         response = dns.message.make_response(query, our_payload=UDP_MAX_PAYLOAD)
         self._fill(query, response)
+        self._count(query, response.rcode())
         if tcp:
             limit = max_size
         else:
             asked = query.payload if query.edns >= 0 else UDP_CLASSIC_PAYLOAD
             limit = min(max_size, max(asked, UDP_CLASSIC_PAYLOAD))
         return _render(response, min(limit, TCP_MAX_MESSAGE))
+
+    def _count(self, query: dns.message.Message, rcode: dns.rcode.Rcode) -> None:
+        kind = "other"
+        if len(query.question) == 1:
+            text = dns.rdatatype.to_text(query.question[0].rdtype)
+            kind = text if text in DNS_TYPES else "other"
+        answer = _ANSWER_OF.get(rcode, "malformed")
+        self.queries[kind, answer] += 1
+
+    def count_rate_limited(self) -> None:
+        """A UDP query the per-source limit left unanswered or answered truncated."""
+        self.queries["other", "rate-limited"] += 1
 
     def truncated(self, query_wire: bytes) -> bytes | None:
         """An empty response with TC set: tells a rate-limited resolver to ask over TCP.

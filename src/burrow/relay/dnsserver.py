@@ -112,8 +112,10 @@ class _Udp(asyncio.DatagramProtocol):
             if verdict is Verdict.ANSWER:
                 response = server.zone.answer(data, max_size=UDP_MAX_PAYLOAD)
             elif verdict is Verdict.SLIP:
+                server.zone.count_rate_limited()
                 response = server.zone.truncated(data)
             else:
+                server.zone.count_rate_limited()
                 response = None
         except Exception:  # a bug in the zone: logged, and the listener goes on
             log.exception("answering a query from %s", host)

@@ -10,10 +10,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from burrow.net.loopthread import LoopThread
@@ -23,8 +26,10 @@ from burrow.relay.dnsserver import DnsServer, bind_dns, dns_zone, start_dns
 from burrow.relay.server import LISTEN_BACKLOG, Relay
 from burrow.relay.workers import Worker, bind_listeners, run_workers
 
-if TYPE_CHECKING:  # the ACME client loads only for --auto-cert
+if TYPE_CHECKING:  # the ACME client loads only for --auto-cert, the listener for --metrics
     from burrow.relay.acme import CaaSink, CertificateManager, ChallengeSink
+    from burrow.relay.admin import AdminServer
+    from burrow.relay.dns import Zone
 
 log = logging.getLogger("burrow.relay")
 
@@ -171,7 +176,9 @@ def keep_renewed(manager: CertificateManager, relay: Relay) -> asyncio.Task[None
         # Other workers see the new files through their own watch of them.
         relay.use_certificate(settings.cert, settings.key)
 
-    return asyncio.get_running_loop().create_task(manager.run(installed), name="acme-renewal")
+    return asyncio.get_running_loop().create_task(
+        manager.run(installed, relay.metrics.renewals), name="acme-renewal"
+    )
 
 
 def _acme_config(config: RelayConfig) -> RelayConfig:
@@ -184,6 +191,48 @@ def _acme_config(config: RelayConfig) -> RelayConfig:
     return dataclasses.replace(config, cert=settings.cert, key=settings.key)
 
 
+def bind_metrics(config: RelayConfig) -> socket.socket | None:
+    """The operator's listener socket (``config.metrics_listen``), bound and listening.
+
+    Refuses (InvalidError) an address beyond loopback without an admin token.
+    """
+    if config.metrics_listen is None:
+        return None
+    from burrow.relay.admin import check_listen
+
+    host, port = config.metrics_listen
+    check_listen(host, config.admin_token)
+    return bind_listeners([(host, port)], 128)[0]
+
+
+async def start_admin(
+    config: RelayConfig,
+    relay: Relay,
+    sock: socket.socket | None,
+    zone: Zone | None,
+    *,
+    worker: Worker | None = None,
+    directory: Path | None = None,
+) -> AdminServer | None:
+    """Count the zone's queries among the relay's metrics; serve the listener on ``sock``.
+
+    As worker 0 of several (``worker``), it sums every worker's figures, asked
+    over their sockets in ``directory``.
+    """
+    if zone is not None:
+        relay.metrics.dns = zone.queries
+    if sock is None:
+        return None
+    from burrow.relay import admin
+
+    processes: admin.Processes
+    if worker is not None and directory is not None:
+        processes = admin.WorkerProcesses(relay, worker.index, worker.count, directory)
+    else:
+        processes = admin.LocalProcess(relay)
+    return await admin.AdminServer.start(processes, config.admin_token, sock=sock)
+
+
 def run_relay(
     config: RelayConfig,
     *,
@@ -191,6 +240,7 @@ def run_relay(
     loopback: bool = False,
     on_started: OnStarted | None = None,
     challenges: ChallengeSink | None = None,
+    on_metrics: Callable[[str], None] | None = None,
 ) -> None:
     """Run a relay in this process until SIGINT or SIGTERM (SIGTERM drains first).
 
@@ -198,10 +248,15 @@ def run_relay(
     sockets. ``loopback`` listens as :func:`start_loopback` does (``burrow dev``).
     With ``config.auto_cert`` the relay first gets its certificate (ACME runs in
     one process only: this one, then worker 0 for renewals) and ``challenges``
-    publishes the DNS-01 TXT records.
+    publishes the DNS-01 TXT records. With ``config.metrics_listen`` the
+    operator's listener is bound first and ``on_metrics`` told its URL.
     """
     quiet_bad_server_names()
     config = _acme_config(config)
+    admin_sock = bind_metrics(config)
+    if admin_sock is not None and on_metrics is not None:
+        host, port = admin_sock.getsockname()[:2]
+        on_metrics(f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/")
     # One zone per relay, made here: the ACME client publishes its challenges in it.
     zone = dns_zone(config)
     if challenges is None:
@@ -210,13 +265,14 @@ def run_relay(
 
         async def main() -> None:
             dns = await start_dns(config, zone=zone)  # first: ACME needs it
-            renewals = None
+            renewals = admin = None
             try:
                 manager = (
                     await obtain_certificate(config, challenges, zone) if config.auto_cert else None
                 )
                 relay = await (start_loopback(config) if loopback else Relay.start(config))
                 renewals = keep_renewed(manager, relay) if manager is not None else None
+                admin = await start_admin(config, relay, admin_sock, zone)
 
                 def started() -> None:
                     if on_started is not None:
@@ -224,6 +280,8 @@ def run_relay(
 
                 await serve(relay, started)
             finally:
+                if admin is not None:
+                    await admin.close()
                 if renewals is not None:
                     renewals.cancel()
                 if dns is not None:
@@ -256,6 +314,8 @@ def run_relay(
         sockets = bind_listeners(list(config.listen), LISTEN_BACKLOG)
     public_port = config.public_port or sockets[0].getsockname()[1]
     config = dataclasses.replace(config, public_port=public_port)
+    # Where each worker answers worker 0's questions for the listener.
+    directory = Path(tempfile.mkdtemp(prefix="burrow-workers-"))
 
     def serve_worker(worker: Worker) -> None:
         for handler in logging.getLogger().handlers:
@@ -265,21 +325,38 @@ def run_relay(
                 )
             )
 
-        if worker.index != 0:
-            for sock in dns_sockets:
+        first = worker.index == 0
+        if not first:
+            for sock in [*dns_sockets, *([admin_sock] if admin_sock else [])]:
                 sock.close()
 
         async def main() -> None:
-            dns = await start_dns(config, dns_sockets, zone) if worker.index == 0 else None
-            renewals = None
+            dns = await start_dns(config, dns_sockets, zone) if first else None
+            renewals = admin = questions = None
             try:
                 relay = await Relay.start(config, worker=worker, sockets=sockets)
-                if config.auto_cert and worker.index == 0:  # one process renews
+                if config.auto_cert and first:  # one process renews
                     renewals = keep_renewed(
                         await obtain_certificate(config, challenges, zone), relay
                     )
+                if admin_sock is not None:
+                    from burrow.relay.admin import serve_worker_questions
+
+                    questions = await serve_worker_questions(relay, worker.index, directory)
+                admin = await start_admin(
+                    config,
+                    relay,
+                    admin_sock if first else None,
+                    zone if first else None,
+                    worker=worker,
+                    directory=directory,
+                )
                 await serve(relay)
             finally:
+                if admin is not None:
+                    await admin.close()
+                if questions is not None:
+                    questions.close()
                 if renewals is not None:
                     renewals.cancel()
                 if dns is not None:
@@ -290,7 +367,10 @@ def run_relay(
     if on_started is not None:
         # The sockets already listen: connections queue until a worker takes them.
         on_started(public_port, [sock.getsockname()[:2] for sock in sockets])
-    run_workers(workers, serve_worker)
+    try:
+        run_workers(workers, serve_worker)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class RelayThread:
@@ -302,6 +382,7 @@ class RelayThread:
         self._thread = LoopThread(name)
         self._relay: Relay | None = None
         self._dns: DnsServer | None = None
+        self._admin: AdminServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, timeout: float = 30) -> Relay:
@@ -310,13 +391,24 @@ class RelayThread:
         try:
             self._dns = self._thread.run(start_dns(self.config), timeout)
             self._relay = self._thread.run(Relay.start(self.config), timeout)
+            zone = self._dns.zone if self._dns is not None else None
+            sock = bind_metrics(self.config)
+            self._admin = self._thread.run(start_admin(self.config, self._relay, sock, zone))
         except BaseException:
+            if self._relay is not None:
+                self._thread.run(self._relay.close(), timeout)
+                self._relay = None
             if self._dns is not None:
                 self._thread.run(self._dns.close(), timeout)
                 self._dns = None
             self._thread.stop(timeout)
             raise
         return self._relay
+
+    @property
+    def admin(self) -> AdminServer | None:
+        """The operator's listener (``config.metrics_listen``); its URL is ``admin.url``."""
+        return self._admin
 
     @property
     def dns(self) -> DnsServer | None:
@@ -340,6 +432,9 @@ class RelayThread:
 
     def stop(self, timeout: float = 10) -> None:
         """Close the relay, then stop its loop and thread."""
+        if self._admin is not None:
+            self._thread.run(self._admin.close(), timeout)
+            self._admin = None
         if self._relay is not None:
             self._thread.run(self._relay.close(), timeout)
             self._relay = None

@@ -9,6 +9,7 @@ No sockets: everything here can be driven from a test.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -34,6 +35,19 @@ class SessionHandle(Protocol):
     workload: str | None
     """The ``burrow run`` workload the agent's process belongs to: its ports are its own."""
     closed: bool
+    carried: list[int]
+    """Bytes of the session's visitors' connections that have ended: [to the agent,
+    to the visitors]."""
+    peer: str
+    """The agent's address, for operators."""
+    agent: str
+    """What the agent said it is in ``hello``."""
+    connected_since: float
+    """Wall-clock time of its ``hello``."""
+
+    @property
+    def pooled(self) -> int:
+        """Idle data connections in its pool."""
 
     def add_data_connection(self, channel: Channel) -> None: ...
 
@@ -60,6 +74,8 @@ class RelayTunnel:
     host: str
     h2: bool
     local_port: int
+    tcp: bool = False
+    """Published with a raw TCP port too (``tcp_port`` once it is bound)."""
     tcp_port: int | None = None
     tcp_servers: list[Listener] = field(default_factory=list)
     splices: set[Splice] = field(default_factory=set)
@@ -68,6 +84,15 @@ class RelayTunnel:
     closed: bool = False
     allow: tuple[allowlist.Network, ...] | None = None
     """The networks visitors may come from; None lets everyone in, () no one."""
+    opened_at: float = field(default_factory=time.time)
+    carried: list[int] = field(default_factory=lambda: [0, 0])
+    """Bytes of this tunnel's visitors' connections that have ended: [to the agent,
+    to the visitors]; those still open are counted by their splices."""
+
+    @property
+    def kind(self) -> str:
+        """``tcp``, ``h2`` or ``https``: what the tunnel was opened as."""
+        return "tcp" if self.tcp else "h2" if self.h2 else "https"
 
 
 class Registry:
@@ -176,6 +201,7 @@ class Registry:
             host=f"{label}.{self.domain}",
             h2=message.h2,
             local_port=message.local_port,
+            tcp=message.tcp,
             allow=allow,
         )
         self._routes[label] = tunnel

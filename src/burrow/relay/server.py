@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
@@ -38,6 +39,7 @@ from burrow.relay.claims import ClaimSigner
 from burrow.relay.config import POOL_WAIT_SECONDS, RelayConfig
 from burrow.relay.handshakes import Handshakes
 from burrow.relay.logs import BoundedLog
+from burrow.relay.metrics import RelayMetrics
 from burrow.relay.ports import Listener, TcpPorts
 from burrow.relay.quota import TokenQuotas
 from burrow.relay.registry import Registry, RelayTunnel
@@ -88,6 +90,13 @@ FIRST_FRAME_TIMEOUT: Final = 10.0
 LISTEN_BACKLOG: Final = 4096
 
 
+def _visitor_kind(visitor: Stream) -> str:
+    """``https``, ``h2`` or ``tcp``: how a visitor came (metrics.VISITOR_KINDS)."""
+    if not isinstance(visitor, TlsStream):
+        return "tcp"
+    return "h2" if visitor.alpn == "h2" else "https"
+
+
 class Relay:
     """A running relay. Use ``await Relay.start(config)`` and ``await relay.close()``.
 
@@ -106,6 +115,8 @@ class Relay:
         self.plain_port: int | None = None
         self._servers: list[asyncio.Server] = []
         self._tasks = TaskSet()
+        self.started = time.time()
+        self.metrics = RelayMetrics()
         # Refusals: anyone who can connect can cause them, so their lines are bounded.
         self.refusals = BoundedLog(log)
         # Unfinished handshakes, oldest first (dicts keep insertion order).
@@ -144,6 +155,7 @@ class Relay:
             revoked=self.revoked if self.revoked is not None else frozenset(),
             owns=self.registry.owns,
             routes=self.registry.routes,
+            metrics=self.metrics,
         )
 
     @classmethod
@@ -226,6 +238,11 @@ class Relay:
         return self.registry.routes
 
     @property
+    def handshakes_pending(self) -> int:
+        """Connections whose TLS handshake, or an agent's first frame, is not done."""
+        return len(self._handshaking)
+
+    @property
     def shutting_down(self) -> bool:
         return self.admission.shutting_down
 
@@ -300,6 +317,7 @@ class Relay:
             self._drop_handshakes(self._handshaking.place(stream, str(peer[0])))
 
     def _drop_handshakes(self, dropped: list[TlsStream]) -> None:
+        self.metrics.handshakes["dropped"] += len(dropped)
         for oldest in dropped:
             log.debug("dropping the oldest unfinished TLS handshake, from %s", oldest.peername)
             oldest.abort()
@@ -335,18 +353,25 @@ class Relay:
         An agent's connection stays with the unfinished handshakes (their caps,
         in total and per source) until its first frame: until then it is anyone's.
         """
-        if exc is not None or stream.alpn not in (protocol.ALPN_CONTROL, protocol.ALPN_DATA):
-            self._handshaking.discard(stream)
+        metrics = self.metrics
         if exc is not None:
+            # One the caps dropped is no longer among the unfinished: it was counted then.
+            if stream in self._handshaking:
+                self._handshaking.discard(stream)
+                metrics.handshakes["timeout" if isinstance(exc, TimeoutError) else "failed"] += 1
             log.debug("TLS handshake from %s failed: %s", stream.peername, loggable(exc))
             return
+        metrics.handshakes["ok"] += 1
+        metrics.handshake_time.observe(time.monotonic() - stream.created)
+        if stream.alpn not in (protocol.ALPN_CONTROL, protocol.ALPN_DATA):
+            self._handshaking.discard(stream)
         stream.pause_reading()
         name = stream.server_name
         label = names.label_of(name, self.domain) if name and name != self.domain else None
         tunnel = self.registry.routes.get(label) if label else None
         if tunnel is not None:
             self._handshaking.discard(stream)
-            if self._refused_by_allowlist(tunnel, stream):
+            if self._refused_by_allowlist(tunnel, stream, _visitor_kind(stream)):
                 stream.resume_reading()
                 if stream.alpn != "h2":  # an HTTP/1.1 answer would be garbage to h2
                     stream.write(FORBIDDEN_REPLY)
@@ -363,6 +388,7 @@ class Relay:
         elif alpn == protocol.ALPN_DATA:
             self._tasks.spawn(self._serve_data(stream))
         else:
+            self._refuse(_visitor_kind(stream), "unknown-name", stream, "no tunnel at this name")
             stream.resume_reading()
             stream.write(NOT_FOUND_REPLY)
             stream.close_lingering()
@@ -372,6 +398,7 @@ class Relay:
     async def serve_visitor(self, tunnel: RelayTunnel, visitor: Stream) -> None:
         """Join a visitor to the tunnel's agent through a fresh data connection."""
         visitor.pause_reading()
+        kind = _visitor_kind(visitor)
         limit = self.config.max_connections_per_tunnel
         if len(tunnel.splices) + tunnel.waiting >= limit:
             self.refusals.warning(
@@ -380,8 +407,10 @@ class Relay:
                 limit,
                 visitor.peername,
             )
+            self._refuse(kind, "over-limit", visitor, f"the tunnel has {limit} visitors already")
             visitor.abort()
             return
+        waited = time.monotonic()
         tunnel.waiting += 1
         try:
             data = await tunnel.session.take_data_connection(
@@ -400,12 +429,30 @@ class Relay:
                     POOL_WAIT_SECONDS,
                     visitor.peername,
                 )
+                self._refuse(
+                    kind,
+                    "no-data-connection",
+                    visitor,
+                    f"no data connection from the agent in {POOL_WAIT_SECONDS:.0f}s",
+                )
+            else:
+                self.metrics.count_visitor(kind, "gone")
             visitor.close()
             return
+        self.metrics.count_visitor(kind, "joined")
+        self.metrics.data_connection_wait.observe(time.monotonic() - waited)
         data.send(protocol.Bind(id=tunnel.id, visitor=visitor.peername))
-        splice = join(
-            visitor, data.stream, on_done=tunnel.splices.discard, inspector=self._h2_check(visitor)
-        )
+
+        def done(splice: Splice) -> None:
+            tunnel.splices.discard(splice)
+            to_agent, to_visitor = splice.bytes_a_to_b, splice.bytes_b_to_a
+            for carried in (tunnel.carried, tunnel.session.carried):
+                carried[0] += to_agent
+                carried[1] += to_visitor
+            self.metrics.bytes_to_agent += to_agent
+            self.metrics.bytes_to_visitor += to_visitor
+
+        splice = join(visitor, data.stream, on_done=done, inspector=self._h2_check(visitor))
         tunnel.splices.add(splice)
         splice.start()
 
@@ -426,16 +473,17 @@ class Relay:
     def _new_tcp_visitor(self, tunnel: RelayTunnel) -> Stream:
         def connected(stream: Stream) -> None:
             if tunnel.closed:
+                self.metrics.count_visitor("tcp", "gone")
                 stream.abort()
-            elif self._refused_by_allowlist(tunnel, stream):
+            elif self._refused_by_allowlist(tunnel, stream, "tcp"):
                 stream.close()
             else:
                 self._tasks.spawn(self.serve_visitor(tunnel, stream))
 
         return Stream(on_connected=connected)
 
-    def _refused_by_allowlist(self, tunnel: RelayTunnel, visitor: Stream) -> bool:
-        """Whether the tunnel's allowlist leaves the visitor's address out (logged)."""
+    def _refused_by_allowlist(self, tunnel: RelayTunnel, visitor: Stream, kind: str) -> bool:
+        """Whether the tunnel's allowlist leaves the visitor's address out (logged, counted)."""
         if tunnel.allow is None:
             return False
         peer = visitor.transport.get_extra_info("peername") if visitor.transport else None
@@ -445,7 +493,13 @@ class Relay:
         self.refusals.info(
             "visitor %s refused by the allowlist of %s", visitor.peername, tunnel.host
         )
+        self._refuse(kind, "allowlist", visitor, "its address is not in the tunnel's allowlist")
         return True
+
+    def _refuse(self, kind: str, result: str, visitor: Stream, message: str) -> None:
+        """Count a visitor turned away, and keep it among the last refusals."""
+        self.metrics.count_visitor(kind, result)
+        self.metrics.refused(time.time(), result, visitor.peername, message)
 
     async def open_tcp_port(self, tunnel: RelayTunnel, port: int | None = None) -> None:
         """Listen for this tunnel on ``port`` (its claim's), or on a free port of the TCP
@@ -474,6 +528,7 @@ class Relay:
             self.refusals.info(
                 "agent %s: no valid first frame: %s", channel.stream.peername, loggable(exc)
             )
+            self.metrics.count_auth_failure("no-first-frame")
             if isinstance(exc, RemoteProtocolError):
                 channel.refuse(protocol.Error(code=protocol.CODE_PROTOCOL, message=str(exc)))
             else:
@@ -505,9 +560,12 @@ class Relay:
             grant = self.admission.check_sessions(held) or grant
         if isinstance(grant, protocol.Error):
             self.refusals.warning("agent %s refused: %s", stream.peername, loggable(grant.message))
+            self.metrics.refused(time.time(), "agent-refused", stream.peername, grant.code)
             channel.refuse(grant)
             return
-        session = RelaySession(self, channel, grant, hello.workload)
+        session = RelaySession(
+            self, channel, grant, hello.workload, peer=stream.peername, agent=hello.agent
+        )
         self.registry.add_session(session)
         log.info(
             "session %s for %s from %s (%s)",
@@ -540,6 +598,8 @@ class Relay:
         session = self.registry.sessions.get(attach.session)
         if session is None or not hmac.compare_digest(attach.key.encode(), session.key.encode()):
             self.refusals.warning("data connection from %s refused: bad attach", stream.peername)
+            self.metrics.count_auth_failure("bad-attach")
+            self.metrics.refused(time.time(), "bad-attach", stream.peername, "bad attach")
             channel.refuse(
                 protocol.Error(
                     code=protocol.CODE_BAD_ATTACH, message="unknown session or wrong key"

@@ -22,6 +22,7 @@ from burrow.net.stream import BaseReceiver, Chunk, Stream
 from burrow.relay.admission import Admission
 from burrow.relay.claims import ClaimSigner
 from burrow.relay.config import RelayConfig
+from burrow.relay.metrics import RelayMetrics
 from burrow.relay.registry import Registry
 from burrow.relay.registry import RelayTunnel as RelayTunnel
 from burrow.tokens import TokenGrant
@@ -35,6 +36,15 @@ log = logging.getLogger("burrow.relay")
 # agent could not connect. Past this it counts as lost and is asked for again.
 DIAL_EXPIRY_SECONDS: Final = 20.0
 
+# Why a session ended, from the error the relay sent to end it (metrics.SESSION_END_REASONS).
+_END_REASONS: Final = {
+    protocol.CODE_AUTH: "revoked",
+    protocol.CODE_TOKEN_EXPIRED: "expired",
+    protocol.CODE_ENDED_BY_OPERATOR: "ended-by-operator",
+    protocol.CODE_SHUTTING_DOWN: "draining",
+    protocol.CODE_PROTOCOL: "protocol",
+}
+
 
 class RelayServices(Protocol):
     """What a session uses of the relay that runs it (the server's ``Relay``)."""
@@ -47,6 +57,9 @@ class RelayServices(Protocol):
 
     @property
     def admission(self) -> Admission: ...
+
+    @property
+    def metrics(self) -> RelayMetrics: ...
 
     @property
     def claims(self) -> ClaimSigner: ...
@@ -91,7 +104,12 @@ class RelaySession:
         channel: Channel,
         grant: TokenGrant,
         workload: str | None = None,
+        *,
+        peer: str = "",
+        agent: str = "",
     ) -> None:
+        """``peer`` (the agent's address) and ``agent`` (its ``hello.agent``) are for
+        operators (the admin API)."""
         self.relay = relay
         self.channel = channel
         self.grant = grant
@@ -110,6 +128,11 @@ class RelaySession:
         self._pooled_receiver = _Pooled(self)
         self._leaving = False
         self.closed = False
+        self.peer = peer
+        self.agent = agent
+        self.connected_since = time.time()
+        self.carried = [0, 0]
+        self._end_reason: str | None = None  # metrics.SESSION_END_REASONS; None: not yet
 
     def __repr__(self) -> str:
         return f"<RelaySession {self.id} {self.grant.subject}>"
@@ -125,13 +148,17 @@ class RelaySession:
         """Serve the control connection until it ends; then free everything."""
         try:
             await serve_control(self.channel, self.relay.config.heartbeat, self._handle)
+            self._ending("agent-closed")
         except protocol.HeartbeatTimeout as exc:
             log.info("session %s: heartbeat missed: %s", self.id, exc)
+            self._ending("heartbeat")
         except RemoteProtocolError as exc:
             log.info("session %s: protocol error: %s", self.id, loggable(exc))
+            self._ending("protocol")
             self._send_quietly(protocol.Error(code=protocol.CODE_PROTOCOL, message=str(exc)))
         except ConnectionError as exc:
             log.info("session %s: %s", self.id, loggable(exc))
+            self._ending("connection-lost")
         finally:
             self.close()
 
@@ -165,6 +192,7 @@ class RelaySession:
             message, grant=self.grant, tunnels=self.tunnels, now=time.monotonic()
         )
         if isinstance(admitted, protocol.Error):
+            self.relay.metrics.count_open_error(admitted.code)
             self.channel.send(admitted)
             if admitted.code == protocol.CODE_TOKEN_EXPIRED:
                 log.warning(
@@ -185,6 +213,7 @@ class RelaySession:
                 registry.unpublish(held)
         refusal = admission.check_port(message, registry.port_holder(self, message.local_port))
         if refusal is not None:
+            self.relay.metrics.count_open_error(refusal.code)
             self.channel.send(refusal)
             return
         tunnel = registry.publish(
@@ -197,6 +226,7 @@ class RelaySession:
             except OSError as exc:
                 if claim is None:
                     registry.unpublish(tunnel)
+                    self.relay.metrics.count_open_error(protocol.CODE_TCP_EXHAUSTED)
                     self.channel.send(
                         protocol.Error(
                             id=message.id, code=protocol.CODE_TCP_EXHAUSTED, message=str(exc)
@@ -223,6 +253,7 @@ class RelaySession:
             # With its first tunnel the agent opens its pool on its own: those are on their way.
             self._filled = True
             self._expect(max(0, self.relay.config.pool_size - self._attached), time.monotonic())
+        self.relay.metrics.tunnel_opens[tunnel.kind] += 1
         self.channel.send(
             protocol.Opened(
                 id=tunnel.id,
@@ -268,6 +299,11 @@ class RelaySession:
         if self._pool.pop(channel, None) is not None:
             log.debug("session %s: closing a data connection idle too long", self.id)
             channel.close()
+
+    @property
+    def pooled(self) -> int:
+        """Idle data connections waiting in the pool."""
+        return len(self._pool)
 
     def drop_pooled(self, stream: Stream) -> None:
         for channel in self._pool:
@@ -334,6 +370,7 @@ class RelaySession:
 
     def end(self, error: protocol.Error) -> None:
         """Tell the agent why (if the connection still takes frames), then close."""
+        self._ending(_END_REASONS.get(error.code, "protocol"))
         self._send_quietly(error)
         self.close()
 
@@ -343,10 +380,15 @@ class RelaySession:
         self._leaving = True
         self.end(protocol.Error(code=protocol.CODE_SHUTTING_DOWN, message=reason))
 
+    def _ending(self, reason: str) -> None:
+        if self._end_reason is None:
+            self._end_reason = reason
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self.relay.metrics.count_session_end(self._end_reason or "relay-closed")
         self.relay.registry.remove_session(self, keep_connections=self._leaving)
         while (channel := self._take_pooled()) is not None:
             channel.close()

@@ -43,6 +43,7 @@ CODE_SHUTTING_DOWN: Final = "shutting-down"
 CODE_CLAIM: Final = "claim"
 CODE_PORT_FORWARDED: Final = "port-forwarded"
 CODE_TOKEN_EXPIRED: Final = "token-expired"
+CODE_ENDED_BY_OPERATOR: Final = "ended-by-operator"
 
 
 class _Message:
