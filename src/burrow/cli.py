@@ -667,24 +667,30 @@ def forward_command(port: int, tcp: bool, h2: bool, allow: tuple[str, ...], log_
 
     _setup_logging(log_level)
 
+    stop = StopFlag()
+    stop.install()
+    ended: list[BaseException] = []
+
+    def on_end(reason: BaseException) -> None:
+        ended.append(reason)
+        stop.set()
+
     try:
-        with burrow.forward(
+        forwarding = burrow.forward(
             port, unencrypted=tcp, h2_enabled=h2, inbound_cidr_allowlist=list(allow) or None
-        ) as tunnel:
+        )
+        with forwarding as tunnel:
             click.echo(tunnel.url)
             if tcp:
                 host, tcp_port = tunnel.tcp_socket
                 click.echo(f"tcp://{host}:{tcp_port}")
             sys.stdout.flush()
-            _wait_for_signal()
+            forwarding.when_ended(on_end)
+            stop.wait()
+            if ended:  # the relay ended the session for good (revoked, an operator)
+                raise ended[0] if isinstance(ended[0], Error) else Error(str(ended[0]))
     except Error as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
-
-
-def _wait_for_signal() -> None:
-    stop = StopFlag()
-    stop.install()
-    stop.wait()
 
 
 # -- run ----------------------------------------------------------------------

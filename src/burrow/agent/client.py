@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +25,7 @@ from burrow.env import (
     ENV_WORKLOAD,
     running_dev_env,
 )
-from burrow.exception import InvalidError
+from burrow.exception import ConnectionError, InvalidError
 from burrow.net.limits import raise_open_file_limit
 from burrow.net.loopthread import LoopThread
 from burrow.tunnel import Tunnel
@@ -164,6 +164,13 @@ def _check_port(port: object) -> int:
     return port
 
 
+async def _on_end(session: AgentSession, callback: Callable[[BaseException], None]) -> None:
+    if session.closed:
+        callback(session.ended or ConnectionError("the session has ended"))
+    else:
+        session.on_end(callback)
+
+
 class forward:
     """Publish a local port for the duration of a ``with`` or ``async with`` block.
 
@@ -226,6 +233,15 @@ class forward:
                 runtime.forwarded_ports.discard(self.port)
             self._session = None
             self._tunnel = None
+
+    def when_ended(self, callback: Callable[[BaseException], None]) -> None:
+        """Call ``callback(reason)`` (on the agent's thread) if the session carrying the
+        tunnel ends for good: an error the agent does not retry, such as a revoked
+        token or an operator ending the session. Inside the ``with`` block only."""
+        session = self._session
+        if session is None:
+            raise InvalidError("when_ended() is for a forward inside its with block")
+        runtime.submit(_on_end(session, callback)).result()
 
     def __enter__(self) -> Tunnel:
         return runtime.run(self._open())

@@ -137,6 +137,10 @@ class AgentSession:
         self._reader: asyncio.Task[None] | None = None
         # Why the relay ended the session, when it is for good.
         self._fatal: Error | None = None
+        # Told why, once, when the session ends for good (see on_end).
+        self._on_end: list[Callable[[BaseException], None]] = []
+        self.ended: BaseException | None = None
+        """Why the session ended for good; None while it lives (or reconnects)."""
         # Set while a control connection is up; new requests wait for it while
         # the session reconnects.
         self._connected = asyncio.Event()
@@ -497,6 +501,9 @@ class AgentSession:
         except ConnectionError as exc:
             log.warning("data connection to %s failed: %s", self.config.relay, loggable(exc))
             return
+        if self.closed or self._fatal is not None:
+            stream.close()  # the session ended while this one was dialled: no attach
+            return
         log.debug("data connection to %s up", self.config.relay)
         channel = Channel(stream, protocol.Connection(protocol.Kind.DATA, protocol.Role.AGENT))
         channel.send(protocol.Attach(session=self._welcome.session, key=self._welcome.key))
@@ -562,10 +569,21 @@ class AgentSession:
 
     # -- ending ---------------------------------------------------------------
 
+    def on_end(self, callback: Callable[[BaseException], None]) -> None:
+        """Call ``callback(reason)`` on the agent's loop when the session ends for good:
+        closed, or ended by the relay with an error it does not retry."""
+        self._on_end.append(callback)
+
     def _end(self, reason: BaseException) -> None:
         if self.closed:
             return
         self.closed = True
+        self.ended = reason
+        for callback in self._on_end:
+            try:
+                callback(reason)
+            except Exception:
+                log.exception("a callback for the session's end failed")
         self._connected.set()  # nothing to wait for any more: requests fail at once
         for future in self._pending.values():
             if not future.done():

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 import h11
-from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
@@ -71,6 +70,9 @@ HISTORY_SAMPLES: Final = 120
 WORKER_ANSWER_TIMEOUT: Final = 5.0
 # A worker's answer (its sessions and tunnels as JSON) is at most this big.
 WORKER_ANSWER_MAX_BYTES: Final = 256 * 1024 * 1024
+
+# What generate_latest writes: the classic text format, which every Prometheus reads.
+PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 _STATIC: Final = {
     "/": ("dashboard.html", "text/html; charset=utf-8"),
@@ -469,6 +471,9 @@ class AdminServer:
                 return None
             if isinstance(event, h11.Request):
                 head = event
+                size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                if size > MAX_HEAD_BYTES:
+                    return _error(431, f"request heads are at most {MAX_HEAD_BYTES} bytes")
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > MAX_BODY_BYTES:
@@ -489,7 +494,7 @@ class AdminServer:
     async def _reply(
         self, conn: h11.Connection, writer: asyncio.StreamWriter, response: Response
     ) -> None:
-        if conn.our_state is not h11.SEND_RESPONSE:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         headers = [
             ("content-type", response.content_type),
@@ -518,7 +523,7 @@ class AdminServer:
             return _error(405, f"{method} is not allowed on {path}", allow="GET")
         if path == "/metrics":
             samples = merged_samples(await self.processes.ask("samples"), self.processes.count)
-            return Response(200, render(samples), CONTENT_TYPE_LATEST)
+            return Response(200, render(samples), PROMETHEUS_TEXT)
         if path == "/healthz":
             return _text(200, "ok\n")
         if path == "/readyz":
@@ -655,7 +660,7 @@ def counts(samples: Samples) -> dict[str, Any]:
         "sessions": one("sessions"),
         "tunnels": sum(tunnels.values()),
         "tunnels_by_kind": tunnels,
-        "visitors": one("visitors"),
+        "visitors": one("visitors_connected"),
         "handshakes_pending": one("handshakes_pending"),
         "pooled_data_connections": one("pooled_data_connections"),
         "bytes_to_agent": carried.get("to-agent", 0),

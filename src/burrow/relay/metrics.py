@@ -138,7 +138,9 @@ FAMILIES: Final = (
         "Visitors, by kind and by what became of them.",
         ("kind", "result"),
     ),
-    Family("visitors", "gauge", "Visitors now: joined to their tunnel, or waiting for it."),
+    Family(
+        "visitors_connected", "gauge", "Visitors now: joined to their tunnel, or waiting for it."
+    ),
     Family(
         "data_connection_wait_seconds",
         "histogram",

@@ -54,7 +54,7 @@ def samples(relay: Relay, *, worker_count: int = 1) -> Samples:
         "tunnel_opens_total": _by_one(counted.tunnel_opens),
         "tunnel_open_errors_total": _by_one(counted.tunnel_open_errors),
         "visitors_total": labelled(counted.visitors.items()),
-        "visitors": visitors,
+        "visitors_connected": visitors,
         "data_connection_wait_seconds": histogram_sample(counted.data_connection_wait),
         "bytes_total": labelled([(("to-agent",), to_agent), (("to-visitor",), to_visitor)]),
         "tls_handshakes_total": _by_one(counted.handshakes),
