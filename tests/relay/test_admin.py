@@ -175,9 +175,11 @@ def test_revoking_through_the_api_ends_the_tokens_sessions_at_once(relay: RelayH
             wait_until(lambda: ended, "the agent to hear of it")
         assert token_id in (relay.state_dir.parent / "revoked.txt").read_text()
         assert isinstance(ended[0], AuthError)
-        with pytest.raises(AuthError, match="revoked"):
-            with burrow.forward(server.port, client=relay.client(token)):
-                pass
+        with (
+            pytest.raises(AuthError, match="revoked"),
+            burrow.forward(server.port, client=relay.client(token)),
+        ):
+            pass
     assert api(relay, "GET", "/api/status")["counts"]["revoked_tokens"] == 1
     for body in ({"token_id": 5}, {"id": token_id}, [token_id], {"token_id": "a b\nc"}):
         assert call(relay, "POST", "/api/revoke", body=body)[0] == 400
