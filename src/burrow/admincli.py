@@ -165,11 +165,11 @@ def _read_token(path: Path | None) -> str | None:
         raise AdminError(f"cannot read the admin token file {path}: {exc.strerror}") from None
     if len(raw) > MAX_TOKEN_FILE_BYTES:
         raise AdminError(f"the admin token file {path} is over {MAX_TOKEN_FILE_BYTES} bytes")
-    token = raw.decode("utf-8", errors="replace").strip()
+    # Its first line, as the relay reads it (burrow.relay.admin.read_admin_token).
+    text = raw.decode("utf-8", errors="replace").strip()
+    token = text.splitlines()[0].strip() if text else ""
     if not token:
         raise AdminError(f"the admin token file {path} is empty")
-    if not token.isprintable():
-        raise AdminError(f"the admin token file {path} holds more than one line")
     return token
 
 
@@ -515,7 +515,10 @@ def format_status(answer: dict[str, Any], now: float) -> str:
         )
         for r in refusals
     ]
-    out += f"\nlast {len(refusals)} refusals, newest last:\n"
+    if len(refusals) == 1:
+        out += "\nthe last refusal:\n"
+    else:
+        out += f"\nthe last {len(refusals)} refusals, newest last:\n"
     return out + table(("WHEN", "REASON", "PEER", "MESSAGE"), rows, right={0})
 
 
