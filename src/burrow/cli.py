@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import click
 
 from burrow import configfile
+from burrow.admincli import admin as admin_command
 from burrow.env import DEV_PORT
 from burrow.exception import Error
 from burrow.launch.cli import launch
@@ -218,9 +219,12 @@ def _metrics_settings(metrics: str | None, admin_token_file: Path | None) -> dic
         return {}
     from burrow.relay.admin import check_listen, read_admin_token
 
-    listen = names.parse_address(metrics, METRICS_PORT)
-    token = read_admin_token(admin_token_file) if admin_token_file is not None else None
-    check_listen(listen[0], token)
+    try:
+        listen = names.parse_address(metrics, METRICS_PORT)
+        token = read_admin_token(admin_token_file) if admin_token_file is not None else None
+        check_listen(listen[0], token)
+    except Error as exc:  # a setting that cannot work: as for a wrong option, status 2
+        raise click.UsageError(str(exc)) from exc
     return {"metrics_listen": listen, "admin_token": token}
 
 
@@ -853,3 +857,9 @@ def demo(keep: bool) -> None:
         run_demo(keep=keep)
     except Error as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+# -- admin --------------------------------------------------------------------
+
+# burrow admin status|sessions|tunnels|kick|revoke: a relay's admin API (burrow/admincli.py).
+main.add_command(admin_command)

@@ -343,3 +343,25 @@ def test_peers_resetting_mid_request_leave_nothing_behind(relay: RelayHarness) -
     wait_until(lambda: relay.call(held()) == 0, "every connection gone")
     time.sleep(0.1)
     assert call(relay, "GET", "/healthz")[0] == 200
+
+
+def test_the_command_line_refuses_an_open_listener_without_a_token(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from burrow.cli import main
+
+    runner = CliRunner()
+    state = ["--state-dir", str(tmp_path / "state"), "--port", "0"]
+    result = runner.invoke(main, ["dev", *state, "--metrics", "0.0.0.0:0"])
+    assert result.exit_code == 2
+    assert "--admin-token-file" in result.output
+    token = tmp_path / "token"
+    token.write_text("short\n")
+    result = runner.invoke(
+        main, ["dev", *state, "--metrics", "0.0.0.0:0", "--admin-token-file", str(token)]
+    )
+    assert result.exit_code == 2
+    assert "at least 16" in result.output
+    result = runner.invoke(main, ["dev", *state, "--admin-token-file", str(token)])
+    assert result.exit_code == 2
+    assert "add --metrics" in result.output
