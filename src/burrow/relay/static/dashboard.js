@@ -199,25 +199,53 @@
     return when(unix).slice(11);
   }
 
+  // Shorter, for table cells: the time alone when it is today (UTC).
+  function since(unix) {
+    const full = when(unix);
+    return full.slice(0, 10) === when(Date.now() / 1000).slice(0, 10) ? full.slice(11) : full;
+  }
+
   function text(element, value, title) {
     element.textContent = value === null || value === undefined || value === "" ? "–" : String(value);
     if (title !== undefined) element.title = title;
   }
 
-  function cell(row, value, options = {}) {
-    const td = document.createElement(options.header ? "th" : "td");
-    if (options.header) td.scope = "row";
-    if (options.code) {
-      const code = document.createElement("code");
-      text(code, value);
-      td.append(code);
-    } else {
-      text(td, value);
-    }
-    if (options.title) td.title = options.title;
-    if (options.numeric) td.className = "num";
-    row.append(td);
-    return td;
+  // Rows are kept from one refresh to the next and only their text changes, so a
+  // focused button keeps its focus and a click never lands on a row being replaced.
+  // columns: [value(item), options] with options header (a row header), code, numeric.
+  function syncRows(tableId, items, keyOf, columns, setUp) {
+    const body = $(tableId).tBodies[0];
+    const old = new Map([...body.rows].map((row) => [row.dataset.key, row]));
+    const seen = new Map();
+    items.forEach((item, index) => {
+      const base = String(keyOf(item));
+      const n = (seen.get(base) || 0) + 1; // the API's keys may repeat (shortened names)
+      seen.set(base, n);
+      const key = `${base}#${n}`;
+      let row = old.get(key);
+      old.delete(key);
+      if (row === undefined) {
+        row = document.createElement("tr");
+        row.dataset.key = key;
+        for (const [, options = {}] of columns) {
+          const td = document.createElement(options.header ? "th" : "td");
+          if (options.header) td.scope = "row";
+          if (options.numeric) td.className = "num";
+          if (options.code) td.append(document.createElement("code"));
+          row.append(td);
+        }
+        if (setUp) setUp(row, item);
+      }
+      row.item = item;
+      columns.forEach(([value, options = {}], i) => {
+        const td = row.cells[i];
+        text(options.code ? td.firstChild : td, value(item));
+      });
+      if (body.rows[index] !== row) body.insertBefore(row, body.rows[index] || null);
+    });
+    for (const row of old.values()) row.remove();
+    $(`${tableId}-none`).hidden = items.length > 0;
+    return [...body.rows];
   }
 
   // -- drawing -------------------------------------------------------------------------
@@ -280,80 +308,90 @@
   }
 
   function drawRefusals(refusals) {
-    const body = $("refusals").tBodies[0];
-    body.replaceChildren();
-    for (const refusal of [...refusals].reverse()) {
-      const row = document.createElement("tr");
-      row.dataset.reason = String(refusal.reason);
-      cell(row, when(refusal.time), { header: true });
-      cell(row, refusal.reason, { code: true });
-      cell(row, refusal.peer);
-      cell(row, refusal.message);
-      body.append(row);
+    const newestFirst = [...refusals].reverse();
+    const rows = syncRows(
+      "refusals",
+      newestFirst,
+      (r) => `${r.time}/${r.peer}/${r.reason}`,
+      [
+        [(r) => since(r.time), { header: true }],
+        [(r) => r.reason, { code: true }],
+        [(r) => r.peer],
+        [(r) => r.message],
+      ],
+    );
+    for (const row of rows) {
+      row.dataset.reason = String(row.item.reason);
+      row.dataset.time = String(row.item.time);
     }
-    $("refusals-none").hidden = refusals.length > 0;
   }
 
+  const READ_ONLY =
+    "Read-only: the relay has no admin token (start it with --admin-token-file " +
+    "to end sessions from here)";
+
   function drawSessions(sessions) {
-    const body = $("sessions").tBodies[0];
-    body.replaceChildren();
-    for (const session of sessions) {
-      const row = document.createElement("tr");
+    const rows = syncRows(
+      "sessions",
+      sessions,
+      (s) => s.id,
+      [
+        [(s) => s.subject, { header: true }],
+        [(s) => s.id, { code: true }],
+        [(s) => s.token_id, { code: true }],
+        [(s) => s.peer],
+        [(s) => s.agent],
+        [(s) => s.workload],
+        [(s) => since(s.connected_since)],
+        [(s) => s.tunnels, { numeric: true }],
+        [(s) => s.visitors, { numeric: true }],
+        [(s) => `${bytes(s.bytes_to_agent)} / ${bytes(s.bytes_to_visitor)}`, { numeric: true }],
+        [(s) => s.worker, { numeric: true }],
+      ],
+      (row) => {
+        const button = document.createElement("button");
+        button.type = "button";
+        button.className = "end-session";
+        button.dataset.action = "end-session";
+        button.textContent = "End session";
+        button.addEventListener("click", () => endSession(row.item, button));
+        const actions = document.createElement("td");
+        actions.append(button);
+        row.append(actions);
+      },
+    );
+    for (const row of rows) {
+      const session = row.item;
       row.dataset.sessionId = String(session.id);
-      cell(row, session.subject, { header: true });
-      cell(row, session.id, { code: true });
-      cell(row, session.token_id, { code: true });
-      cell(row, session.peer);
-      cell(row, session.agent);
-      cell(row, session.workload);
-      cell(row, when(session.connected_since));
-      cell(row, session.tunnels, { numeric: true });
-      cell(row, session.visitors, { numeric: true });
-      cell(row, bytes(session.bytes_to_agent), { numeric: true });
-      cell(row, bytes(session.bytes_to_visitor), { numeric: true });
-      cell(row, session.worker, { numeric: true });
-      const actions = document.createElement("td");
-      const button = document.createElement("button");
-      button.type = "button";
-      button.className = "end-session";
-      button.dataset.action = "end-session";
-      button.textContent = "End session";
+      const button = row.querySelector("button");
       button.setAttribute("aria-label", `End the session of ${session.subject} (${session.id})`);
-      if (relayAuth) {
-        button.title = "Ends this session: its tunnels close and its agent is told why";
-        button.addEventListener("click", () => endSession(session, button));
-      } else {
-        button.disabled = true;
-        button.title =
-          "Read-only: the relay has no admin token (start it with --admin-token-file " +
-          "to end sessions from here)";
-      }
-      actions.append(button);
-      row.append(actions);
-      body.append(row);
+      if (button.dataset.busy) continue; // its DELETE is under way
+      button.disabled = !relayAuth;
+      button.title = relayAuth
+        ? "Ends this session: its tunnels close and its agent is told why"
+        : READ_ONLY;
     }
-    $("sessions-none").hidden = sessions.length > 0;
   }
 
   function drawTunnels(tunnels) {
-    const body = $("tunnels").tBodies[0];
-    body.replaceChildren();
-    for (const tunnel of tunnels) {
-      const row = document.createElement("tr");
-      row.dataset.kind = String(tunnel.kind);
-      cell(row, tunnel.name, { header: true, code: true });
-      cell(row, tunnel.kind);
-      cell(row, tunnel.subject);
-      cell(row, tunnel.session, { code: true });
-      cell(row, tunnel.tcp_port, { numeric: true });
-      cell(row, tunnel.visitors, { numeric: true });
-      cell(row, bytes(tunnel.bytes_to_agent), { numeric: true });
-      cell(row, bytes(tunnel.bytes_to_visitor), { numeric: true });
-      cell(row, duration(tunnel.age_seconds), { numeric: true });
-      cell(row, tunnel.worker, { numeric: true });
-      body.append(row);
-    }
-    $("tunnels-none").hidden = tunnels.length > 0;
+    const rows = syncRows(
+      "tunnels",
+      tunnels,
+      (t) => `${t.session}/${t.kind}/${t.name}`,
+      [
+        [(t) => t.name, { header: true, code: true }],
+        [(t) => t.kind],
+        [(t) => t.subject],
+        [(t) => t.session, { code: true }],
+        [(t) => t.tcp_port, { numeric: true }],
+        [(t) => t.visitors, { numeric: true }],
+        [(t) => bytes(t.bytes_to_agent), { numeric: true }],
+        [(t) => bytes(t.bytes_to_visitor), { numeric: true }],
+        [(t) => duration(t.age_seconds), { numeric: true }],
+        [(t) => t.worker, { numeric: true }],
+      ],
+    );
+    for (const row of rows) row.dataset.kind = String(row.item.kind);
   }
 
   // -- ending a session ---------------------------------------------------------------
@@ -364,6 +402,7 @@
       return;
     }
     button.disabled = true;
+    button.dataset.busy = "1";
     try {
       const answer = await api("DELETE", `/api/sessions/${encodeURIComponent(session.id)}`);
       showAction(`Ended session ${answer.ended || session.id} (${session.subject}).`, false);
@@ -375,6 +414,8 @@
       }
       showAction(`Could not end the session: ${exc instanceof Error ? exc.message : exc}`, true);
       button.disabled = false;
+    } finally {
+      delete button.dataset.busy;
     }
     // Now, not at the next tick: the row goes as soon as the relay says so.
     if (!refreshing) refresh();
@@ -406,7 +447,8 @@
     );
     const span = times.length > 1 ? times[times.length - 1] - times[0] : 0;
     $("charts-span").textContent = times.length
-      ? `${samples.length} samples, one every ${history.interval} s, over the last ${duration(span)}.`
+      ? `${samples.length} ${samples.length === 1 ? "sample" : "samples"}, one every ` +
+        `${history.interval} s, over the last ${duration(span)}.`
       : "No samples yet.";
   }
 
