@@ -45,6 +45,7 @@ EXTERNAL = (
     ("setup_latency.py", "Tunnel set-up"),
     ("scale.py", "Scale"),
     ("h2_inspection.py", "HTTP/2 inspection (the cross-tenant check)"),
+    ("metrics_cost.py", "Metrics (what --metrics costs)"),
 )
 EXTERNAL_GRACE = 20.0
 # Seconds kept at the end for charts and the report.
