@@ -671,8 +671,8 @@ def forward_command(port: int, tcp: bool, h2: bool, allow: tuple[str, ...], log_
 
     _setup_logging(log_level)
 
+    # Installed once the tunnel is up: until then a signal ends forward() as it always does.
     stop = StopFlag()
-    stop.install()
     ended: list[BaseException] = []
 
     def on_end(reason: BaseException) -> None:
@@ -689,6 +689,7 @@ def forward_command(port: int, tcp: bool, h2: bool, allow: tuple[str, ...], log_
                 host, tcp_port = tunnel.tcp_socket
                 click.echo(f"tcp://{host}:{tcp_port}")
             sys.stdout.flush()
+            stop.install()
             forwarding.when_ended(on_end)
             stop.wait()
             if ended:  # the relay ended the session for good (revoked, an operator)
