@@ -256,6 +256,8 @@ def test_with_the_ca_gone_the_relay_serves_on_and_retries_with_back_off(
         delays = [float(r.getMessage().rsplit("next try in ", 1)[1].rstrip("s")) for r in failures]
         assert delays[:3] == sorted(delays[:3]) and delays[0] <= 0.2
         assert "cannot reach the ACME server" in failures[0].getMessage()
+        assert relay.relay.metrics.renewals["failed"] >= 3  # and the metrics count them
+        assert relay.relay.metrics.renewals["ok"] == 0
         assert any(
             r.levelno == logging.WARNING and "has not been renewed" in r.getMessage()
             for r in caplog.records
@@ -462,6 +464,9 @@ def test_renewals_under_load_drop_nothing_and_new_handshakes_get_the_new_certifi
             assert agent.reconnects == 0
             assert relay.manager.orders >= RENEWALS + 1
             assert len(swaps) >= RENEWALS and len(set(swaps)) == len(swaps)
+            # burrow_relay_certificate_renewals_total counts them.
+            renewed = relay.relay.metrics.renewals
+            assert renewed["ok"] == relay.manager.orders - 1 and renewed["failed"] == 0
             assert first not in swaps
             # One step: a handshake got the certificate served when it began or, if a
             # swap came while it ran, the new one; never an older one.

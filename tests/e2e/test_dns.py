@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import dns.resolver
 import pytest
 from devrelay import BURROW, clean_env
 from harness import DOMAIN, RelayHarness, run_relay, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 from burrow.relay.dnsserver import DnsServer
 
@@ -37,6 +39,7 @@ def _children(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(p) for p in text.split()]
+
 
 PUBLIC_V4, PUBLIC_V6 = "203.0.113.7", "2001:db8::7"
 LABEL = "wtqcahqwhd4tu0"
@@ -52,6 +55,7 @@ def relay(tmp_path: Path) -> Iterator[RelayHarness]:
         dns_listen=(("127.0.0.1", 0),),
         public_ips=(PUBLIC_V4, PUBLIC_V6),
         dns_caa="letsencrypt.org",
+        metrics_listen=("127.0.0.1", 0),
     ) as harness:
         yield harness
 
@@ -101,6 +105,27 @@ def test_dig_gets_the_zones_records(relay: RelayHarness, transport: str) -> None
     assert "status: NOERROR" in nodata and "ANSWER: 0" in nodata and "SOA" in nodata
     nx = dig(relay, transport, f"x.ns1.{DOMAIN}", "A")
     assert "status: NXDOMAIN" in nx and "SOA" in nx
+    # Each query counted once, by type and answer, in burrow_relay_dns_queries_total.
+    assert relay.thread.admin is not None
+    with urllib.request.urlopen(relay.thread.admin.url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    counted = {
+        (s.labels["type"], s.labels["answer"]): s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "burrow_relay_dns_queries"
+        for s in family.samples
+    }
+    assert {key: n for key, n in counted.items() if n} == {
+        ("A", "answered"): 1,
+        ("AAAA", "answered"): 1,
+        ("NS", "answered"): 1,
+        ("SOA", "answered"): 1,
+        ("CAA", "answered"): 1,
+        ("TXT", "answered"): 1,
+        ("A", "refused"): 1,
+        ("other", "answered"): 1,  # MX: the name exists, the type does not
+        ("A", "nxdomain"): 1,
+    }
 
 
 def test_dig_falls_back_to_tcp_for_an_answer_too_big_for_udp(relay: RelayHarness) -> None:

@@ -284,6 +284,19 @@ def test_oversized_heads_and_bodies_are_refused(relay: RelayHarness) -> None:
     assert _raw(relay, request).startswith(b"HTTP/1.1 413 ")
 
 
+def test_head_requests_get_the_head_alone(relay: RelayHarness) -> None:
+    host, port = _address(relay)
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    for path in ("/metrics", "/", "/healthz", "/nothing"):
+        conn.request("HEAD", path)
+        response = conn.getresponse()
+        assert response.read() == b""
+        assert int(response.headers["content-length"]) > 0, path
+    conn.request("GET", "/healthz")  # the connection is still good
+    assert conn.getresponse().read() == b"ok\n"
+    conn.close()
+
+
 def test_kept_alive_requests_on_one_connection(relay: RelayHarness) -> None:
     host, port = _address(relay)
     conn = http.client.HTTPConnection(host, port, timeout=10)

@@ -45,6 +45,7 @@ from prometheus_client.exposition import generate_latest
 from burrow import tokens
 from burrow.exception import Error, InvalidError
 from burrow.relay import metrics, observe
+from burrow.relay.logs import BoundedLog
 from burrow.relay.metrics import FAMILIES, Samples
 
 log = logging.getLogger("burrow.relay")
@@ -332,6 +333,8 @@ class Response:
     body: bytes
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    head_only: bool = False
+    """The answer to HEAD: the head as for GET, no body."""
 
 
 def _json(status: int, value: object) -> Response:
@@ -363,6 +366,7 @@ class AdminServer:
         self._connections: dict[asyncio.StreamWriter, None] = {}  # oldest first
         self._tasks: set[asyncio.Task[None]] = set()
         self.history: deque[dict[str, float]] = deque(maxlen=HISTORY_SAMPLES)
+        self._failures = BoundedLog(log)
 
     @classmethod
     async def start(
@@ -428,8 +432,9 @@ class AdminServer:
             await self._serve_requests(reader, writer)
         except (ConnectionError, TimeoutError, h11.ProtocolError, asyncio.IncompleteReadError):
             pass
-        except Exception:  # a bug in a handler: this connection only
-            log.exception("admin listener: a request failed")
+        except Exception as exc:  # a bug in a handler: this connection only
+            # A bug, but any peer may trigger it again and again: the lines are bounded.
+            self._failures.log(logging.ERROR, "admin listener: a request failed: %r", exc)
         finally:
             self._connections.pop(writer, None)
             writer.close()
@@ -451,6 +456,7 @@ class AdminServer:
                 await self._reply(conn, writer, request)
                 return
             response = await self._route(request)
+            response.head_only = request.method == "HEAD"
             await self._reply(conn, writer, response)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
@@ -504,7 +510,8 @@ class AdminServer:
         if conn.their_state is not h11.DONE:
             headers.append(("connection", "close"))
         writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)) or b"")
-        writer.write(conn.send(h11.Data(data=response.body)) or b"")
+        if not response.head_only:
+            writer.write(conn.send(h11.Data(data=response.body)) or b"")
         writer.write(conn.send(h11.EndOfMessage()) or b"")
         async with asyncio.timeout(REQUEST_TIMEOUT):
             await writer.drain()
