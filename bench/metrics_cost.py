@@ -7,9 +7,11 @@
 Two `burrow dev` relays run side by side, identical but for `--metrics
 127.0.0.1:0` on one, whose /metrics a Prometheus-like scraper in this process
 reads every second all through the measurement. Each relay has an agent (its
-own process) forwarding an HTTPS tunnel to the same nginx. Each round measures
+own process) forwarding an HTTPS tunnel to the same nginx. Each round starts
+two new ones, the one with metrics first in every other round, and measures
 the two A, B, B, A, the order flipping every round, so that drift on the machine
-touches both alike:
+and any difference between the two places touch both alike (``--control``: the
+same with metrics on neither, to see what is left):
 
 - the highest request rate on 64 kept-alive connections (bench/run.py's rate64);
 - latency at 1,000 requests/s on 10 kept-alive connections (its lat1000).
@@ -89,6 +91,8 @@ class Setup:
     endpoint: Endpoint
     relay_pid: int
     metrics_url: str | None
+    processes: tuple[subprocess.Popen[bytes], ...] = ()
+    """The agent's and the relay's, to stop at the end of the round."""
 
 
 def start_setup(procs: rp.Processes, name: str, http_port: int, *, metrics: bool) -> Setup:
@@ -99,7 +103,7 @@ def start_setup(procs: rp.Processes, name: str, http_port: int, *, metrics: bool
     endpoint = Endpoint(
         f"https://{agent.tunnel['host']}:{agent.tunnel['port']}", relay.port, Path(relay.ca)
     )
-    return Setup(name, endpoint, relay.pid, url)
+    return Setup(name, endpoint, relay.pid, url, (agent.proc, relay.proc))
 
 
 def metrics_url(procs: rp.Processes, relay: rp.Relay) -> str:
@@ -196,6 +200,7 @@ class Scraper:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Scraper]:
+        self._stop.clear()  # a scraper runs again for each round's relay
         thread = threading.Thread(target=self.run, name="scraper", daemon=True)
         thread.start()
         try:
@@ -332,6 +337,20 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Where to write the result (default: Markdown).")
     parser.add_argument("--budget", type=float, help="Seconds the whole run may take.")
     parser.add_argument("--quick", action="store_true", help="a short run: fewer, shorter rounds")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=MAX_ROUNDS,
+        help=f"At most this many rounds, within the budget (default {MAX_ROUNDS}): the "
+        "noise of one round on a shared machine is several percent, so a run of record "
+        "wants more.",
+    )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="an A/A run: both relays without --metrics and no scraper, to see how far "
+        "the two setups differ with nothing to tell them apart (prints the ratios only)",
+    )
     args = parser.parse_args()
     seconds = args.budget or (QUICK_BUDGET if args.quick else DEFAULT_BUDGET)
     budget = rp.Budget(seconds)
@@ -349,24 +368,47 @@ def main() -> None:
         state = procs.workdir / "backends-state"
         with backends(procs.workdir / "backends", state, 1024**2) as back:
             # The scrape with 10,000 tunnels first: it has a fixed cost and a target of its own.
-            cases = scrape_cases(procs, back.http_port)
-            setups = {
-                "off": start_setup(procs, "relay-off", back.http_port, metrics=False),
-                "on": start_setup(procs, "relay-on", back.http_port, metrics=True),
-            }
-            assert setups["on"].metrics_url is not None
-            scraper = Scraper(setups["on"].metrics_url)
-            with scraper.running():
-                while rounds < MAX_ROUNDS and (rounds < 1 or budget.left() > round_seconds):
-                    order = ["on", "off"] if rounds % 2 == 0 else ["off", "on"]
-                    started = time.monotonic()
+            cases = [] if args.control else scrape_cases(procs, back.http_port)
+            scraper = Scraper("http://unused:0")
+            while rounds < args.rounds and (rounds < 1 or budget.left() > round_seconds):
+                # New relays each round, and the one with metrics started first in every
+                # other round: a difference between the two places (which started first,
+                # its ports, its agent) cancels out instead of passing for a cost.
+                started = time.monotonic()
+                first_on = rounds % 2 == 0
+                first = start_setup(
+                    procs, f"relay-a{rounds}", back.http_port, metrics=first_on and not args.control
+                )
+                second = start_setup(
+                    procs,
+                    f"relay-b{rounds}",
+                    back.http_port,
+                    metrics=not first_on and not args.control,
+                )
+                setups = {"on": first, "off": second} if first_on else {"on": second, "off": first}
+                scraper.url = setups["on"].metrics_url or "http://unused:0"
+                scraping = contextlib.nullcontext() if args.control else scraper.running()
+                order = ["on", "off"] if rounds % 2 == 0 else ["off", "on"]
+                with scraping:
                     one_round(setups, order, figures, rate_seconds, latency_seconds)
-                    round_seconds = time.monotonic() - started
-                    rounds += 1
-                    print(f"round {rounds}: {time.monotonic() - started:.1f}s", file=sys.stderr)
+                for setup in (first, second):
+                    for proc in setup.processes:
+                        procs.stop(proc)
+                round_seconds = time.monotonic() - started
+                rounds += 1
+                print(f"round {rounds}: {time.monotonic() - started:.1f}s", file=sys.stderr)
     load_end = os.getloadavg()
 
     on, off = figures["on"], figures["off"]
+    if args.control:
+        rates = [a / b for a, b in zip(on["rate"], off["rate"], strict=True)]
+        p50s = [a - b for a, b in zip(on["p50"], off["p50"], strict=True)]
+        print(
+            f"A/A control, {rounds} rounds: rate second / first {statistics.median(rates):.3f} "
+            f"({spread(rates, '{:.3f}')}); p50 second - first "
+            f"{statistics.median(p50s):+.3f} ms ({spread(p50s, '{:+.3f}')})"
+        )
+        return
     # Each round measures both relays back to back: the per-round ratio or difference
     # leaves out drift from round to round, the median of them a round that a burst of
     # other work on the machine hit on one side only.
@@ -482,8 +524,11 @@ def main() -> None:
         "nginx (1 worker). All through the rounds a scraper in the benchmark process GETs the "
         f"metrics relay's /metrics every {SCRAPE_INTERVAL:g} s on one kept-alive connection, "
         "as Prometheus does (at a much shorter interval than its usual 15 s or more). Each "
-        "round measures each figure on, off, off, on (off first in the next round), and "
-        "takes each relay's mean of its two runs.",
+        "round starts two new relays, the one with metrics first in every other round (an "
+        "A/A run of the first design, where the same two relays served every round, found "
+        "the second 3% faster with nothing to tell them apart: `--control`), measures each "
+        "figure on, off, off, on (off first in the next round), and takes each relay's mean "
+        "of its two runs.",
         f"Rate: `h2load --h1 -c {RATE_CONNECTIONS} -m 1 -D {rate_seconds:g}` through the "
         f"tunnel's HTTPS URL (bench/run.py's rate64). Latency: `h2load --h1 -c "
         f"{LATENCY_CONNECTIONS} -m 1 --rps {LATENCY_RATE // LATENCY_CONNECTIONS} -D "
