@@ -21,6 +21,9 @@ ENV_PLAIN_DATA: Final = "BURROW_PLAIN_DATA"
 # workload forward each port once, whichever of its processes asks.
 ENV_WORKLOAD: Final = "BURROW_WORKLOAD"
 ENV_STATE_DIR: Final = "BURROW_STATE_DIR"
+# With several relays in BURROW_RELAY: how long a lost one has to come back
+# before the agent moves its tunnels to another (burrow.agent.session).
+ENV_FAILOVER_SECONDS: Final = "BURROW_FAILOVER_SECONDS"
 
 # `burrow dev` listens on this port unless told otherwise; clients read the
 # port it really has from its discovery file, in its state directory.

@@ -57,7 +57,26 @@ def test_config_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BURROW_WORKLOAD", "w1")
     config = Client().config()
     assert config == AgentConfig("relay.example", "tok", Path("/x/ca.pem"), True, "w1")
-    assert config.address == ("relay.example", 443)
+    assert config.relays == ("relay.example",)
+
+
+def test_several_relays(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BURROW_RELAY", " r1.example:443, r2.example:8443,,r1.example:443 ")
+    monkeypatch.setenv("BURROW_TOKEN", "tok")
+    config = Client().config()
+    assert config.relays == ("r1.example:443", "r2.example:8443")
+    assert config.relay == "r1.example:443,r2.example:8443"
+    assert Client(relay=["a.example", "b.example"]).config().relays == ("a.example", "b.example")
+    monkeypatch.setenv("BURROW_FAILOVER_SECONDS", "5")
+    assert Client().config().failover == 5.0
+    monkeypatch.setenv("BURROW_FAILOVER_SECONDS", "soon")
+    with pytest.raises(InvalidError, match="BURROW_FAILOVER_SECONDS"):
+        Client().config()
+    monkeypatch.delenv("BURROW_FAILOVER_SECONDS")
+    for bad in (",", "r1.example:99999,r2.example", "r1.example:x"):
+        monkeypatch.setenv("BURROW_RELAY", bad)
+        with pytest.raises(InvalidError):
+            Client().config()
 
 
 def test_arguments_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

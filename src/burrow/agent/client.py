@@ -16,9 +16,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from burrow.agent.session import AgentConfig, AgentSession
+from burrow.agent import pick
+from burrow.agent.session import AgentConfig, AgentSession, AgentTunnel
 from burrow.env import (
     ENV_CA,
+    ENV_FAILOVER_SECONDS,
     ENV_PLAIN_DATA,
     ENV_RELAY,
     ENV_TOKEN,
@@ -29,7 +31,7 @@ from burrow.exception import ConnectionError, InvalidError
 from burrow.net.limits import raise_open_file_limit
 from burrow.net.loopthread import LoopThread
 from burrow.tunnel import Tunnel
-from burrow.wire import allowlist
+from burrow.wire import allowlist, names
 
 T = TypeVar("T")
 
@@ -38,8 +40,9 @@ T = TypeVar("T")
 class Client:
     """Explicit relay settings; any left as ``None`` come from the environment."""
 
-    relay: str | None = None
-    """``host:port`` of the relay (``BURROW_RELAY``)."""
+    relay: str | Sequence[str] | None = None
+    """``host:port`` of the relay (``BURROW_RELAY``), or several (a list, or one string
+    separated by commas): the agent picks the nearest and moves if it goes away."""
 
     token: str | None = None
     """Agent token (``BURROW_TOKEN``)."""
@@ -61,7 +64,8 @@ class Client:
         env: dict[str, str] = dict(os.environ)
         if not (self.relay or env.get(ENV_RELAY)) and not (self.token or env.get(ENV_TOKEN)):
             env.update(running_dev_env() or {})
-        relay = self.relay or env.get(ENV_RELAY)
+        given = ",".join(self.relay) if isinstance(self.relay, (list, tuple)) else self.relay
+        relay = given or env.get(ENV_RELAY)
         token = self.token or env.get(ENV_TOKEN)
         ca = self.ca or env.get(ENV_CA) or None
         if not relay or not token:
@@ -77,8 +81,22 @@ class Client:
         plain = self.plain_data
         if plain is None:
             plain = env.get(ENV_PLAIN_DATA, "").strip().lower() in ("1", "true", "yes")
+        if not isinstance(relay, str) or not pick.parse_relays(relay):
+            raise InvalidError(f"{ENV_RELAY} names no relay: {relay!r}")
+        for entry in pick.parse_relays(relay):
+            names.parse_address(entry, 443)  # InvalidError naming the bad one
+        failover: float | None = None
+        if env.get(ENV_FAILOVER_SECONDS):
+            try:
+                failover = float(env[ENV_FAILOVER_SECONDS])
+            except ValueError:
+                raise InvalidError(
+                    f"{ENV_FAILOVER_SECONDS} must be a number of seconds, "
+                    f"not {env[ENV_FAILOVER_SECONDS]!r}"
+                ) from None
         return AgentConfig(
-            relay=relay,
+            relay=",".join(pick.parse_relays(relay)),
+            failover=failover,
             token=token.strip(),
             ca=Path(ca) if ca else None,
             plain_data=plain,
@@ -205,6 +223,7 @@ class forward:
             self.allow = allowlist.to_wire(networks)
         self.config = (client or Client()).config()
         self._tunnel: Tunnel | None = None
+        self._tunnel_id: int | None = None
         self._session: AgentSession | None = None
 
     async def _open(self) -> Tunnel:
@@ -222,17 +241,44 @@ class forward:
             raise
         self._session = session
         self._tunnel = tunnel
+        self._tunnel_id = session.tunnel_id(tunnel)
         return tunnel
 
     async def _close(self) -> None:
         try:
-            if self._session is not None and self._tunnel is not None:
-                await self._session.close_tunnel(self._tunnel)
+            current = self._current()
+            if self._session is not None and current is not None:
+                await self._session.close_tunnel(current.tunnel)
         finally:
             if self._tunnel is not None:
                 runtime.forwarded_ports.discard(self.port)
             self._session = None
             self._tunnel = None
+            self._tunnel_id = None
+
+    @property
+    def tunnel(self) -> Tunnel:
+        """The tunnel as it is now: the one the ``with`` block got, or, after its session
+        moved to another relay, the new one (with new names). Inside the block only."""
+        current = self._current()
+        if current is None:
+            raise InvalidError("forward().tunnel is for a forward inside its with block")
+        return current.tunnel
+
+    def on_move(self, callback: Callable[[Tunnel, Tunnel], None]) -> None:
+        """Call ``callback(old, new)`` (on the agent's thread) when the tunnel moves to
+        another relay, its old relay gone for longer than a restart takes. A ``Tunnel``
+        never changes: ``new`` has the new names, and :attr:`tunnel` is ``new`` from then on.
+        """
+        current = self._current()
+        if current is None:
+            raise InvalidError("on_move() is for a forward inside its with block")
+        current.on_move.append(callback)
+
+    def _current(self) -> AgentTunnel | None:
+        if self._session is None or self._tunnel_id is None:
+            return None
+        return self._session.tunnels.get(self._tunnel_id)
 
     def when_ended(self, callback: Callable[[BaseException], None]) -> None:
         """Call ``callback(reason)`` (on the agent's thread) if the session carrying the

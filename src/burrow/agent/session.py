@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import ssl
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Final
 
 from burrow._version import __version__
+from burrow.agent import pick
 from burrow.agent.errors import from_wire
 from burrow.exception import (
     ConnectionError,
@@ -69,6 +71,15 @@ RECONNECT_JITTER: Final = 0.25
 # from then on, try only this often, to spare it a crowd when it comes back.
 RECONNECT_PATIENCE: Final = 60.0
 RECONNECT_SLOW_DELAY: Final = 10.0
+# With other relays to go to (BURROW_RELAY lists several), a relay that takes
+# longer than this to come back is left for the next best: a restart or a
+# deploy takes seconds; longer after the relay said it was draining, which
+# is a planned restart on its way. Tunnels get new names on the new relay.
+FAILOVER_SECONDS: Final = 30.0
+FAILOVER_AFTER_DRAIN_SECONDS: Final = 90.0
+# Relays that refuse a hello because they are full or draining send the agent
+# to the next candidate at once.
+_GO_ELSEWHERE: Final = frozenset({protocol.CODE_FULL, protocol.CODE_SHUTTING_DOWN})
 # Its own generator: the jitter needs no secrecy, and the program's global
 # random state is the program's.
 _jitter = random.Random()
@@ -83,7 +94,8 @@ class AgentConfig:
     """Where the relay is and how to prove who we are."""
 
     relay: str
-    """``host:port`` of the relay's public TLS port."""
+    """``host:port`` of the relay's public TLS port, or several separated by commas: the
+    agent then picks one (:mod:`burrow.agent.pick`) and moves when it is gone."""
 
     token: str
     """Signed agent token."""
@@ -97,9 +109,14 @@ class AgentConfig:
     workload: str | None = None
     """The workload this process belongs to (``burrow run``), if any."""
 
+    failover: float | None = None
+    """Seconds a lost relay has to come back before the agent moves to another
+    (``BURROW_FAILOVER_SECONDS``; default ``FAILOVER_SECONDS``)."""
+
     @property
-    def address(self) -> tuple[str, int]:
-        return names.parse_address(self.relay, 443)
+    def relays(self) -> tuple[str, ...]:
+        """The relays to choose from, in the order given."""
+        return pick.parse_relays(self.relay)
 
 
 @dataclass(eq=False)
@@ -118,6 +135,8 @@ class AgentTunnel:
     """Its raw TCP port now: ``tunnel.unencrypted_port``, unless a reconnect could not
     take that back."""
     splices: set[Splice] = field(default_factory=set)
+    on_move: list[Callable[[Tunnel, Tunnel], None]] = field(default_factory=list)
+    """Told ``(old, new)`` when the tunnel moves to another relay (with new names)."""
 
 
 class AgentSession:
@@ -125,7 +144,9 @@ class AgentSession:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.host, self.port = config.address
+        self.relay = config.relays[0]
+        """The relay this session is with (one of ``config.relays``)."""
+        self.host, self.port = names.parse_address(self.relay, 443)
         # Control and data connections share one context: one trust store to load.
         self._context = tls.shared_client_context(config.ca)
         self.tunnels: dict[int, AgentTunnel] = {}
@@ -145,6 +166,8 @@ class AgentSession:
         # the session reconnects.
         self._connected = asyncio.Event()
         self.reconnects = 0
+        self.moves = 0
+        self._drain_announced = False
         # Data connections to open once the session has a tunnel (see _handshake).
         self._pool_to_fill = 0
         self.closed = False
@@ -154,9 +177,13 @@ class AgentSession:
         """Open a session, retrying a few times; raises AuthError, RelayError or ConnectionError."""
         session = cls(config)
         delay = CONNECT_BACKOFF
+        candidates = list(config.relays)
         for attempt in range(1, CONNECT_ATTEMPTS + 1):
             try:
-                await session._handshake()
+                if len(candidates) > 1:
+                    await session._handshake_best(candidates)
+                else:
+                    await session._handshake()
                 return session
             except Error as exc:
                 if exc.retryable and attempt < CONNECT_ATTEMPTS:
@@ -166,15 +193,20 @@ class AgentSession:
                     continue
                 if isinstance(exc, ConnectionError):
                     raise ConnectionError(
-                        f"could not reach the burrow relay at {config.relay} after "
+                        f"could not reach the burrow relay at {session.relay} after "
                         f"{CONNECT_ATTEMPTS} attempts: {exc}",
                         retryable=exc.retryable,
                     ) from exc
                 raise
         raise AssertionError("unreachable")
 
-    async def _dial(self, alpn: str, server_name: str | None = None) -> TlsStream:
-        """One TLS connection to the relay's public port; SNI is the relay's name by default."""
+    async def _dial(
+        self, alpn: str, server_name: str | None = None, relay: str | None = None
+    ) -> TlsStream:
+        """One TLS connection to the relay's public port (``relay``'s, if given); SNI is
+        the relay's name by default."""
+        relay = relay or self.relay
+        host, port = names.parse_address(relay, 443)
         loop = asyncio.get_running_loop()
         handshake: asyncio.Future[None] = loop.create_future()
 
@@ -191,17 +223,17 @@ class AgentSession:
                 return TlsStream(
                     context,
                     server_side=False,
-                    server_hostname=server_name or self.host,
+                    server_hostname=server_name or host,
                     on_handshake=done,
                     handshake_timeout=CONNECT_TIMEOUT,
                 )
 
         try:
-            stream = await self._connect(factory)
+            stream = await self._connect(factory, host, port)
             await handshake
         except ssl.SSLCertVerificationError as exc:
             raise ConnectionError(
-                f"the relay at {self.config.relay} has a certificate we do not trust "
+                f"the relay at {relay} has a certificate we do not trust "
                 f"({exc.verify_message}); set BURROW_CA to its CA certificate",
                 retryable=False,
             ) from exc
@@ -209,25 +241,64 @@ class AgentSession:
             raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
         return stream
 
-    async def _connect(self, factory: Callable[[], TlsStream]) -> TlsStream:
+    async def _connect(self, factory: Callable[[], TlsStream], host: str, port: int) -> TlsStream:
         """TCP to the relay; a ``*.localhost`` relay is tried on 127.0.0.1, then ::1."""
         loop = asyncio.get_running_loop()
-        hosts = LOCAL_HOSTS if names.is_loopback_name(self.host) else (self.host,)
-        for host in hosts[:-1]:
+        hosts = LOCAL_HOSTS if names.is_loopback_name(host) else (host,)
+        for address in hosts[:-1]:
             try:
                 _, stream = await asyncio.wait_for(
-                    loop.create_connection(factory, host, self.port), CONNECT_TIMEOUT
+                    loop.create_connection(factory, address, port), CONNECT_TIMEOUT
                 )
                 return stream
             except ConnectionRefusedError:
                 continue
         _, stream = await asyncio.wait_for(
-            loop.create_connection(factory, hosts[-1], self.port), CONNECT_TIMEOUT
+            loop.create_connection(factory, hosts[-1], port), CONNECT_TIMEOUT
         )
         return stream
 
-    async def _handshake(self, server_name: str | None = None) -> None:
-        stream = await self._dial(protocol.ALPN_CONTROL, server_name)
+    async def _handshake_best(self, candidates: list[str]) -> None:
+        """Pick a relay of ``candidates`` by racing their handshakes, and say hello to it.
+
+        One that is full or draining is dropped from ``candidates`` and the next
+        race starts at once; the error of the last is raised when none is left.
+        """
+        memories = pick.memories()
+        memory = memories.load(self.config.relays)
+
+        def keep(memory: pick.Memory) -> None:
+            memories.save(self.config.relays, memory)
+
+        while True:
+            winner = await pick.race(
+                candidates,
+                lambda relay: self._dial(protocol.ALPN_CONTROL, relay=relay),
+                memory,
+                keep=keep,
+            )
+            try:
+                await self._handshake(stream=winner.stream, relay=winner.relay)
+                return
+            except RelayError as exc:
+                if exc.code not in _GO_ELSEWHERE or len(candidates) == 1:
+                    raise
+                log.warning("relay %s: %s; trying the next", winner.relay, loggable(exc))
+                candidates.remove(winner.relay)
+                memory.home = None
+
+    async def _handshake(
+        self,
+        server_name: str | None = None,
+        *,
+        stream: TlsStream | None = None,
+        relay: str | None = None,
+    ) -> None:
+        """Say hello on a new control connection (or on ``stream``, made to ``relay``);
+        on a welcome, this session is with that relay from now on."""
+        relay = relay or self.relay
+        if stream is None:
+            stream = await self._dial(protocol.ALPN_CONTROL, server_name, relay)
         channel = Channel(stream, protocol.Connection(protocol.Kind.CONTROL, protocol.Role.AGENT))
         channel.send(
             protocol.Hello(
@@ -244,10 +315,13 @@ class AgentSession:
             raise ConnectionError(f"the relay did not welcome us: {exc}") from exc
         if isinstance(reply, protocol.Error):
             channel.close()
-            raise from_wire(reply, self.config.relay, "hello")
+            raise from_wire(reply, relay, "hello")
         if not isinstance(reply, protocol.Welcome):
             channel.close()
             raise ConnectionError("the relay closed the connection before welcoming us")
+        self.relay = relay
+        self.host, self.port = names.parse_address(relay, 443)
+        self._drain_announced = False
         self._channel = channel
         self._welcome = reply
         self._connected.set()
@@ -259,7 +333,7 @@ class AgentSession:
         self._pool_to_fill = reply.pool
         if self.tunnels:
             self._fill_pool()
-        log.info("session %s with relay %s", loggable(reply.session), self.config.relay)
+        log.info("session %s with relay %s", loggable(reply.session), self.relay)
 
     def _fill_pool(self) -> None:
         for _ in range(self._pool_to_fill):
@@ -274,13 +348,11 @@ class AgentSession:
     # -- control connection -----------------------------------------------
 
     async def _read_control(self, channel: Channel, interval: float) -> None:
-        reason: BaseException = ConnectionError(
-            f"the relay at {self.config.relay} closed the session"
-        )
+        reason: BaseException = ConnectionError(f"the relay at {self.relay} closed the session")
         try:
             await serve_control(channel, interval, self._handle)
         except (RemoteProtocolError, ConnectionError) as exc:
-            reason = ConnectionError(f"session with {self.config.relay} lost: {exc}")
+            reason = ConnectionError(f"session with {self.relay} lost: {exc}")
         finally:
             if self.closed or self._fatal is not None or self._channel is not channel:
                 self._end(self._fatal or reason)
@@ -305,32 +377,131 @@ class AgentSession:
         # The old session's name sends us to the relay worker that holds our labels.
         resume = f"{self._welcome.session}.{self._welcome.domain}"
         delay, started = RECONNECT_FIRST_DELAY, time.monotonic()
+        elsewhere = len(self.config.relays) > 1
         while not self.closed:
             jitter = _jitter.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER)
             await asyncio.sleep(delay * jitter)
+            if elsewhere and time.monotonic() - started >= self._failover_after():
+                if await self._move(started):
+                    return
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                continue
             try:
                 await self._handshake(resume)
             except Error as exc:
+                code = exc.code if isinstance(exc, RelayError) else None
+                if elsewhere and code in _GO_ELSEWHERE and await self._move(started):
+                    return
                 # At its token's session limit the relay may still count our lost
                 # session (until its heartbeat runs out): that passes, so try again.
-                limited = isinstance(exc, RelayError) and exc.code == protocol.CODE_LIMIT
+                limited = code == protocol.CODE_LIMIT
                 if not exc.retryable and not limited:
-                    log.error(
-                        "relay %s: %s; giving up the session", self.config.relay, loggable(exc)
-                    )
+                    log.error("relay %s: %s; giving up the session", self.relay, loggable(exc))
                     self._end(exc)
                     return
                 cap = RECONNECT_MAX_DELAY
                 if time.monotonic() - started > RECONNECT_PATIENCE:
                     cap = RECONNECT_SLOW_DELAY
                 delay = min(delay * 2, cap)
-                log.info(
-                    "relay %s: %s; trying again in %.1fs", self.config.relay, loggable(exc), delay
-                )
+                log.info("relay %s: %s; trying again in %.1fs", self.relay, loggable(exc), delay)
                 continue
             self.reconnects += 1
             await self._reopen_tunnels()
             return
+
+    def _failover_after(self) -> float:
+        if self._drain_announced:
+            return FAILOVER_AFTER_DRAIN_SECONDS
+        return self.config.failover if self.config.failover is not None else FAILOVER_SECONDS
+
+    async def _move(self, lost_since: float) -> bool:
+        """Take the session to the best other relay and open every tunnel there, under
+        new names (a name belongs to its relay). False if no other relay took us."""
+        gone = self.relay
+        others = [relay for relay in self.config.relays if relay != gone]
+        memories = pick.memories()
+        memory = memories.load(self.config.relays)
+        memory.home = None  # the home is gone: the fastest other wins
+
+        def keep(memory: pick.Memory) -> None:
+            memories.save(self.config.relays, memory)
+
+        while True:
+            try:
+                winner = await pick.race(
+                    others,
+                    lambda relay: self._dial(protocol.ALPN_CONTROL, relay=relay),
+                    memory,
+                    keep=keep,
+                )
+            except Error as exc:
+                log.info("no other relay to move to: %s", loggable(exc))
+                return False
+            try:
+                await self._handshake(stream=winner.stream, relay=winner.relay)
+                break
+            except RelayError as exc:
+                if exc.code not in _GO_ELSEWHERE or len(others) == 1:
+                    log.info("relay %s did not take the session: %s", winner.relay, exc)
+                    return False
+                others.remove(winner.relay)  # full or draining: the next, at once
+            except Error as exc:
+                log.info("relay %s did not take the session: %s", winner.relay, exc)
+                return False
+        self.moves += 1
+        log.warning(
+            "relay %s unreachable for %.0fs: the session moved to %s, and its %d tunnels "
+            "get new names there",
+            gone,
+            time.monotonic() - lost_since,
+            self.relay,
+            len(self.tunnels),
+        )
+        await self._reopen_moved()
+        return True
+
+    async def _reopen_moved(self) -> None:
+        """Publish every tunnel on the relay the session moved to: new names, told to
+        each tunnel's ``on_move`` callbacks."""
+        for agent_tunnel in list(self.tunnels.values()):
+            old = agent_tunnel.tunnel
+            try:
+                reply = await self._request(
+                    agent_tunnel.id,
+                    protocol.Open(
+                        id=agent_tunnel.id,
+                        local_port=agent_tunnel.local_port,
+                        tcp=agent_tunnel.tcp,
+                        h2=agent_tunnel.h2,
+                        allow=agent_tunnel.allow,
+                    ),
+                )
+            except ConnectionError:
+                return  # lost again: the next reconnect (or move) tries again
+            if not isinstance(reply, protocol.Opened):
+                why = reply.message if isinstance(reply, protocol.Error) else "no answer"
+                log.error("tunnel %s could not move to %s: %s", old.url, self.relay, loggable(why))
+                self.tunnels.pop(agent_tunnel.id, None)
+                continue
+            new = Tunnel(
+                host=reply.host,
+                port=reply.port,
+                unencrypted_host=reply.tcp_host,
+                unencrypted_port=reply.tcp_port,
+                local_port=agent_tunnel.local_port,
+            )
+            agent_tunnel.tunnel, agent_tunnel.claim, agent_tunnel.tcp_port = (
+                new,
+                reply.claim,
+                reply.tcp_port,
+            )
+            log.warning("tunnel moved: %s is now %s", old.url, new.url)
+            for callback in agent_tunnel.on_move:
+                try:
+                    callback(old, new)
+                except Exception:
+                    log.exception("a callback for a tunnel's move failed")
+        self._fill_pool()
 
     async def _reopen_tunnels(self) -> None:
         """Publish every tunnel again under its claimed names."""
@@ -373,7 +544,7 @@ class AgentSession:
             if isinstance(reply, protocol.Opened):
                 with contextlib.suppress(ConnectionError):
                     await self._request(agent_tunnel.id, protocol.Close(id=agent_tunnel.id))
-        log.info("session with %s resumed: %d tunnels", self.config.relay, len(self.tunnels))
+        log.info("session with %s resumed: %d tunnels", self.relay, len(self.tunnels))
 
     async def _handle(self, message: protocol.Message) -> None:
         """One message on the control connection (pings are answered before this)."""
@@ -386,9 +557,11 @@ class AgentSession:
                     loggable(message.message),
                     loggable(message.code),
                 )
-                error = from_wire(message, self.config.relay, "session")
+                error = from_wire(message, self.relay, "session")
                 if not error.retryable:  # else the session is lost and comes back
                     self._fatal = error
+                elif message.code == protocol.CODE_SHUTTING_DOWN:
+                    self._drain_announced = True  # a restart: give it longer to come back
                 if self._channel is not None:
                     self._channel.close()
             case protocol.Error(id=int(tunnel_id)):
@@ -407,7 +580,7 @@ class AgentSession:
 
     def _send(self, message: protocol.Message) -> None:
         if self._channel is None or self.closed:
-            raise ConnectionError(f"the session with {self.config.relay} is closed")
+            raise ConnectionError(f"the session with {self.relay} is closed")
         try:
             self._channel.send(message)
         except LocalProtocolError as exc:  # pragma: no cover - a bug in burrow
@@ -421,7 +594,7 @@ class AgentSession:
                 await asyncio.wait_for(self._connected.wait(), REPLY_TIMEOUT)
             except TimeoutError as exc:
                 raise ConnectionError(
-                    f"the relay at {self.config.relay} is unreachable; still trying"
+                    f"the relay at {self.relay} is unreachable; still trying"
                 ) from exc
         future: asyncio.Future[protocol.Message] = asyncio.get_running_loop().create_future()
         self._pending[tunnel_id] = future
@@ -429,7 +602,7 @@ class AgentSession:
         try:
             return await asyncio.wait_for(future, reply_timeout)
         except TimeoutError as exc:
-            raise ConnectionError(f"the relay at {self.config.relay} did not answer") from exc
+            raise ConnectionError(f"the relay at {self.relay} did not answer") from exc
         finally:
             self._pending.pop(tunnel_id, None)
 
@@ -445,7 +618,7 @@ class AgentSession:
             tunnel_id, protocol.Open(id=tunnel_id, local_port=port, tcp=tcp, h2=h2, allow=allow)
         )
         if isinstance(reply, protocol.Error):
-            raise from_wire(reply, self.config.relay, "open")
+            raise from_wire(reply, self.relay, "open")
         assert isinstance(reply, protocol.Opened)
         tunnel = Tunnel(
             host=reply.host,
@@ -466,6 +639,13 @@ class AgentSession:
         )
         self._fill_pool()
         return tunnel
+
+    def tunnel_id(self, tunnel: Tunnel) -> int | None:
+        """The id of the tunnel ``open_tunnel`` gave (or that it became after a move)."""
+        for agent_tunnel in self.tunnels.values():
+            if agent_tunnel.tunnel is tunnel:
+                return agent_tunnel.id
+        return None
 
     async def close_tunnel(self, tunnel: Tunnel) -> None:
         """Unpublish: when this returns, the relay routes the name nowhere.
@@ -499,12 +679,12 @@ class AgentSession:
         try:
             stream = await self._dial_data()
         except ConnectionError as exc:
-            log.warning("data connection to %s failed: %s", self.config.relay, loggable(exc))
+            log.warning("data connection to %s failed: %s", self.relay, loggable(exc))
             return
         if self.closed or self._fatal is not None:
             stream.close()  # the session ended while this one was dialled: no attach
             return
-        log.debug("data connection to %s up", self.config.relay)
+        log.debug("data connection to %s up", self.relay)
         channel = Channel(stream, protocol.Connection(protocol.Kind.DATA, protocol.Role.AGENT))
         channel.send(protocol.Attach(session=self._welcome.session, key=self._welcome.key))
         try:
@@ -603,3 +783,24 @@ class AgentSession:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+
+
+async def pin_relay(config: AgentConfig) -> AgentConfig:
+    """``config`` with its relay picked once, for a workload whose processes must share
+    one (``burrow run``, ``Sandbox``): the race of :meth:`AgentSession._handshake_best`,
+    without a session. One relay: ``config`` as it is."""
+    relays = config.relays
+    if len(relays) == 1:
+        return config
+    dialer = AgentSession(config)
+    memories = pick.memories()
+    memory = memories.load(relays)
+    winner = await pick.race(
+        relays,
+        lambda relay: dialer._dial(protocol.ALPN_CONTROL, relay=relay),
+        memory,
+        keep=lambda memory: memories.save(relays, memory),
+    )
+    winner.stream.close()
+    log.info("the workload's relay: %s", winner.relay)
+    return dataclasses.replace(config, relay=winner.relay)

@@ -7,9 +7,7 @@ tests need it: the client never imports this module (nor ``cryptography``).
 
 from __future__ import annotations
 
-import os
 import secrets
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from burrow.exception import InvalidError
+from burrow.net.files import write_atomically
 from burrow.wire.names import normalize_domain
 
 # The dev CA outlives many relay restarts, so a user trusts it once.
@@ -61,33 +60,6 @@ class DevCertificates:
 
     key: Path
     """The private key of :attr:`cert`."""
-
-
-def write_atomically(path: Path, data: bytes, mode: int = _PRIVATE_MODE) -> None:
-    """Write ``path`` whole with ``mode`` (private by default), through no file anyone else made.
-
-    The temporary file beside the target is a fresh one of this process's own
-    (``mkstemp``: a random name, ``O_EXCL``, mode 0600 from creation), so
-    another local user cannot pre-create it or point it elsewhere with a
-    symlink; the rename then makes it the target, which a reader sees old or
-    new, never half written.
-    """
-    try:
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    except OSError as exc:
-        raise InvalidError(f"cannot write {path}: {exc.strerror}") from exc
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as exc:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise InvalidError(f"cannot write {path}: {exc.strerror}") from exc
-        raise
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

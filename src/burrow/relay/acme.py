@@ -36,7 +36,7 @@ from josepy.jwk import JWKEC
 
 from burrow._version import __version__
 from burrow.exception import Error, InvalidError
-from burrow.net.devca import write_atomically
+from burrow.net.files import write_atomically
 from burrow.relay.config import ACME_DIRECTORY, ACME_TIMEOUT, RelayConfig
 
 log = logging.getLogger("burrow.relay.acme")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Final
 
 from burrow.exception import InvalidError
-from burrow.net.devca import write_atomically
+from burrow.net.files import write_atomically
 
 log = logging.getLogger("burrow.relay")
 

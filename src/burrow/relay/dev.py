@@ -26,7 +26,7 @@ from burrow.env import PID_FILE as PID_FILE
 from burrow.env import default_state_dir as default_state_dir
 from burrow.env import format_env as format_env
 from burrow.env import parse_env as parse_env
-from burrow.net import devca
+from burrow.net import devca, files
 from burrow.relay.config import RelayConfig
 
 DEV_DOMAIN: Final = "r1.localhost"
@@ -92,7 +92,7 @@ def prepare(
 def write_env_file(path: Path, env: dict[str, str]) -> None:
     """Write atomically with mode 0600: the token is a secret."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    devca.write_atomically(path, format_env(env).encode())
+    files.write_atomically(path, format_env(env).encode())
 
 
 def write_pid(state_dir: Path) -> None:

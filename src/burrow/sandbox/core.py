@@ -31,7 +31,7 @@ from typing import Final
 
 from burrow._aio import dual_method
 from burrow.agent.client import Client, forward, runtime, workload_env
-from burrow.agent.session import AgentConfig
+from burrow.agent.session import AgentConfig, pin_relay
 from burrow.exception import (
     Error,
     InvalidError,
@@ -265,7 +265,8 @@ class Sandbox:
         self._ports = ports
         self._allow = inbound_cidr_allowlist
         base = (client or Client()).config()
-        self._config: AgentConfig = replace(base, workload=self.object_id)
+        # Every port of the sandbox, and every process in it, on one relay.
+        self._config: AgentConfig = replace(await _pinned(base), workload=self.object_id)
         self._tunnels: dict[int, Tunnel] = {}
         self._forwards: list[forward] = []
         self._error: BaseException | None = None
@@ -650,3 +651,10 @@ class Sandbox:
         tb: TracebackType | None,
     ) -> None:
         await self.terminate.aio()
+
+
+async def _pinned(config: AgentConfig) -> AgentConfig:
+    """The sandbox's relay, picked once on the agent's loop (one relay: as given)."""
+    if len(config.relays) == 1:
+        return config
+    return await asyncio.wrap_future(runtime.submit(pin_relay(config)))

@@ -44,6 +44,7 @@ CODE_CLAIM: Final = "claim"
 CODE_PORT_FORWARDED: Final = "port-forwarded"
 CODE_TOKEN_EXPIRED: Final = "token-expired"
 CODE_ENDED_BY_OPERATOR: Final = "ended-by-operator"
+CODE_FULL: Final = "full"
 
 
 class _Message:
