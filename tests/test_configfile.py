@@ -173,6 +173,17 @@ def test_relative_paths_are_taken_from_the_files_directory() -> None:
     assert values == {"cert": "/etc/burrow/fullchain.pem", "key": "/abs/privkey.pem"}
 
 
+def test_token_key_is_one_path_or_several() -> None:
+    """One value, as before it could be repeated, or an array (a key rotation)."""
+    assert check('token-key = "keys/old.pem"') == ({"token_key": [f"{BASE}/keys/old.pem"]}, [])
+    assert check('token-key = ["old.pem", "/k/new.pem"]') == (
+        {"token_key": [f"{BASE}/old.pem", "/k/new.pem"]},
+        [],
+    )
+    # Other repeatable options still want an array.
+    assert check('listen = "127.0.0.1:443"')[1] != []
+
+
 def test_load_reports_every_problem_with_the_files_name(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text('heartbeat = "x"\nworkers = 0\n')

@@ -21,16 +21,19 @@ from burrow.exception import AuthError, InvalidError
 from burrow.tokens import (
     MAX_TOKEN_LENGTH,
     TOKEN_ISSUER,
+    KeyRing,
     TokenError,
     TokenGrant,
     append_revocation,
     check_time,
     generate_signing_key,
+    key_id,
     mint,
     parse_duration,
     parse_revocation_list,
     public_key_pem,
     read_public_key,
+    read_public_keys,
     read_signing_key,
     token_id_of,
     unverified_subject,
@@ -187,8 +190,17 @@ def test_tampered_payload() -> None:
 
 
 def test_signed_by_another_key() -> None:
-    token = mint(generate_signing_key(), subject="x", ttl_seconds=60, now=NOW)
-    assert reason_of(token, now=NOW) == "bad-signature"
+    other = generate_signing_key()
+    token = mint(other, subject="x", ttl_seconds=60, now=NOW)
+    with pytest.raises(TokenError) as info:
+        verify(token, PUBLIC, now=NOW)
+    assert info.value.reason == "unknown-key"
+    assert str(info.value) == (
+        f"token is signed with key {key_id(other)!r}, which this relay does not hold "
+        f"(it holds {key_id(KEY)})"
+    )
+    # One signed before key ids, or that leaves its kid out, is checked against the key.
+    assert reason_of(signed({"alg": "EdDSA"}, good_payload(), other), now=NOW) == "bad-signature"
 
 
 def test_alg_none_forgery() -> None:
@@ -513,16 +525,18 @@ def test_a_forgery_of_a_revoked_id_is_a_forgery() -> None:
 
 
 def test_every_refusal_says_which_it_is() -> None:
-    """Wrong signature, expired, malformed and revoked: four messages told apart."""
+    """Wrong signature, unknown key, expired, malformed, revoked: messages told apart."""
     other = generate_signing_key()
     cases = {
-        "bad-signature": (mint(other, subject="x", ttl_seconds=60, now=NOW), NOW),
+        "bad-signature": (signed({"alg": "EdDSA"}, good_payload(), other), NOW),
+        "unknown-key": (mint(other, subject="x", ttl_seconds=60, now=NOW), NOW),
         "expired": (mint(KEY, subject="x", ttl_seconds=60, now=NOW), NOW + 3600),
         "malformed": ("not.a-token", NOW),
         "revoked": (signed({"alg": "EdDSA", "typ": "JWT"}, good_payload(jti="gone")), NOW),
     }
     words = {"bad-signature": "signature", "expired": "expired", "malformed": "malformed"}
     words["revoked"] = "revoked"
+    words["unknown-key"] = "does not hold"
     for reason, (token, now) in cases.items():
         with pytest.raises(TokenError) as info:
             verify(token, PUBLIC, now=now, revoked={"gone"})
@@ -695,3 +709,70 @@ def test_no_token_id_reads_as_a_command_line_option() -> None:
     # A random id starts with "-" one time in 64: 2,000 tokens would show it.
     ids = {tokens.token_id_of(tokens.mint(key, subject="s", ttl_seconds=60)) for _ in range(2000)}
     assert not [i for i in ids if i.startswith("-")]
+
+
+# Key ids and several keys (a rotation)
+
+
+def test_key_id_is_the_hash_of_the_raw_public_key() -> None:
+    raw = PUBLIC.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert key_id(KEY) == key_id(PUBLIC) == hashlib.sha256(raw).hexdigest()[:16]
+    assert key_id(generate_signing_key()) != key_id(KEY)
+
+
+def test_mint_names_its_key_in_the_header() -> None:
+    head = mint(KEY, subject="x", ttl_seconds=60, now=NOW).split(".")[0]
+    assert json.loads(unb64(head)) == {"alg": "EdDSA", "kid": key_id(KEY), "typ": "JWT"}
+
+
+def test_a_ring_of_old_and_new_keys_takes_tokens_of_both() -> None:
+    new = generate_signing_key()
+    ring = KeyRing.of([PUBLIC, new.public_key()])
+    assert len(ring) == 2
+    for key in (KEY, new):
+        assert verify(mint(key, subject="x", ttl_seconds=60, now=NOW), ring, now=NOW).subject == "x"
+    # Tokens minted before key ids are tried against every key.
+    assert verify(signed({"alg": "EdDSA"}, good_payload()), ring, now=NOW).token_id == "abc"
+    # Once the old key is gone, its tokens are refused, saying which key they need.
+    with pytest.raises(TokenError) as info:
+        verify(mint(KEY, subject="x", ttl_seconds=60, now=NOW), KeyRing.of([new.public_key()]))
+    assert info.value.reason == "unknown-key"
+    assert key_id(KEY) in str(info.value) and key_id(new) in str(info.value)
+
+
+def test_a_kid_binds_the_token_to_its_key() -> None:
+    # Signed by another key of the ring than the one its kid names: not good enough.
+    other = generate_signing_key()
+    ring = KeyRing.of([PUBLIC, other.public_key()])
+    token = signed({"alg": "EdDSA", "kid": key_id(KEY)}, good_payload(), other)
+    assert reason_of(token, now=NOW) == "bad-signature"
+    with pytest.raises(TokenError) as info:
+        verify(token, ring, now=NOW)
+    assert info.value.reason == "bad-signature"
+
+
+@pytest.mark.parametrize("typ", ["burrow-fleet+jwt", "JWS", 5, ["JWT"]])
+def test_a_token_of_another_type_is_refused(typ: Any) -> None:
+    token = signed({"alg": "EdDSA", "typ": typ}, good_payload())
+    assert reason_of(token, now=NOW) == "malformed"
+
+
+def test_read_public_keys_from_files_and_directories(tmp_path: Path) -> None:
+    new, third = generate_signing_key(), generate_signing_key()
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    write_public_key(KEY, keys / "old.pem")
+    write_public_key(new, keys / "new.pem")
+    (keys / "README").write_text("not a key, not a .pem")
+    write_public_key(third, tmp_path / "third.pem")
+    ring = read_public_keys([keys, tmp_path / "third.pem", keys / "old.pem"])
+    assert sorted(ring.keys) == sorted({key_id(KEY), key_id(new), key_id(third)})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InvalidError, match=r"holds no \*\.pem public key files"):
+        read_public_keys([empty])
+    with pytest.raises(InvalidError, match="no token public key given"):
+        read_public_keys([])
+    write_signing_key(KEY, keys / "signing.pem")
+    with pytest.raises(InvalidError, match="holds a private key"):
+        read_public_keys([keys])

@@ -32,6 +32,7 @@ from burrow.relay.config import (
     HEARTBEAT_INTERVAL,
     MAX_PENDING_HANDSHAKES,
     MAX_PENDING_HANDSHAKES_PER_SOURCE,
+    MAX_SESSIONS,
     MAX_SESSIONS_PER_TOKEN,
     MAX_TUNNELS_PER_TOKEN,
     TUNNEL_CREATION_BURST,
@@ -306,9 +307,21 @@ main.add_command(launch)  # burrow launch jupyter|shell: src/burrow/launch/
 )
 @click.option(
     "--token-key",
+    cls=configfile.OneOrMore,
     type=click.Path(path_type=Path),
+    multiple=True,
     required=True,
-    help="Public key that agent tokens are signed with (burrow token keygen).",
+    help="Public key that agent tokens and the fleet document are signed with (burrow "
+    "token keygen), or a directory of *.pem public keys; repeat for several (a key "
+    "rotation). A token's kid names its key.",
+)
+@click.option(
+    "--fleet",
+    type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="The fleet document (burrow fleet sign); re-read when it changes. Its revoked "
+    "tokens are refused and their sessions end; agents with an older copy are given it.",
 )
 @click.option(
     "--revoked-tokens",
@@ -394,6 +407,14 @@ main.add_command(launch)  # burrow launch jupyter|shell: src/burrow/launch/
 @_drain_option
 @_max_tunnels_option
 @_max_sessions_option
+@click.option(
+    "--max-sessions",
+    type=click.IntRange(1),
+    default=MAX_SESSIONS,
+    show_default=True,
+    help="Sessions the relay holds at once; past it agents are told it is full and go "
+    "to another relay.",
+)
 @_tunnel_rate_option
 @_workers_option
 @_metrics_options
@@ -407,7 +428,8 @@ def relay(
     acme_directory: str,
     acme_ca_bundle: Path | None,
     acme_timeout: float,
-    token_key: Path,
+    token_key: tuple[Path, ...],
+    fleet: Path | None,
     revoked_tokens: Path | None,
     state_dir: Path | None,
     listen: tuple[str, ...],
@@ -427,6 +449,7 @@ def relay(
     drain_timeout: float,
     max_tunnels_per_token: int,
     max_sessions_per_token: int,
+    max_sessions: int,
     tunnel_rate: float,
     workers: int,
     metrics: str | None,
@@ -456,6 +479,7 @@ def relay(
             acme_ca_bundle=acme_ca_bundle,
             acme_timeout=acme_timeout,
             public_key=token_key,
+            fleet=fleet,
             revoked_tokens=revoked_tokens,
             state_dir=state_dir,
             listen=tuple(names.parse_address(item, 443) for item in listen),
@@ -473,6 +497,7 @@ def relay(
             drain_timeout=drain_timeout,
             max_tunnels_per_token=max_tunnels_per_token,
             max_sessions_per_token=max_sessions_per_token,
+            max_sessions=max_sessions,
             tunnel_creations_per_second=tunnel_rate,
             **_metrics_settings(metrics, admin_token_file),
         )

@@ -53,6 +53,12 @@ class Formats(Protocol):
     def to_text(self, value: Any) -> str: ...
 
 
+class OneOrMore(click.Option):
+    """A repeatable option that the file may also set to one value rather than an
+    array: one that took a single value before it could be repeated (``token-key``),
+    so that files written then still read."""
+
+
 # -- keys -----------------------------------------------------------------------
 
 
@@ -381,6 +387,8 @@ def _check(param: click.Option, value: Any, base: Path, ctx: click.Context | Non
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise _WrongValue(f"must be a count (an integer, 0 or more), not {_toml_type(value)}")
         return value
+    if isinstance(param, OneOrMore) and not isinstance(value, list):
+        value = [value]
     if param.multiple or param.nargs != 1:
         shape = "an array" if param.nargs == 1 else f"an array of {param.nargs}"
         if not isinstance(value, list):

@@ -6,11 +6,12 @@ fleet can admit an agent without a database. Tokens are JWTs signed with EdDSA.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
 import time
-from collections.abc import Container, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,8 +67,22 @@ _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 # token anyone meant to write, and each name is a relay's domain.
 MAX_TOKEN_RELAYS = 64
 
+# A key id is this many hex digits of the SHA-256 of the raw public key: 64
+# bits, so two keys of one operator never share one, and short in logs.
+KEY_ID_HEX_DIGITS = 16
+
+# What a token's header may say it is (RFC 7519 §5.1); anything else, such as a
+# fleet document's "burrow-fleet+jwt", is not a token even if the key signed it.
+_TOKEN_TYPES = frozenset({"JWT", "jwt"})
+
 TokenErrorReason = Literal[
-    "malformed", "bad-signature", "expired", "not-yet-valid", "revoked", "wrong-relay"
+    "malformed",
+    "bad-signature",
+    "unknown-key",
+    "expired",
+    "not-yet-valid",
+    "revoked",
+    "wrong-relay",
 ]
 
 
@@ -123,6 +138,58 @@ def public_key_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
     return public.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+def key_id(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """The id (``kid``) of the key that verifies what ``key`` signs: the first
+    16 hex digits of the SHA-256 of its raw public bytes.
+
+    Computed, never chosen, so every relay holding the public key knows it.
+    """
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:KEY_ID_HEX_DIGITS]
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """The public keys a relay accepts tokens and fleet documents from, by key id.
+
+    Several at once so that the signing key can be rotated with no outage:
+    relays hold the old and the new key while tokens of both are about.
+    """
+
+    keys: Mapping[str, Ed25519PublicKey]
+    """Each key by its :func:`key_id`."""
+
+    @classmethod
+    def of(cls, keys: Iterable[Ed25519PublicKey]) -> KeyRing:
+        ring = {key_id(key): key for key in keys}
+        if not ring:
+            raise InvalidError("no token public key given")
+        return cls(ring)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def candidates(self, kid: str | None, what: str) -> list[Ed25519PublicKey]:
+        """The keys to check a signature with: the one ``kid`` names, or every key
+        when there is no ``kid`` (what was signed before key ids). ``what`` ("token",
+        "fleet document") starts the message of an unknown ``kid``."""
+        if kid is None:
+            return list(self.keys.values())
+        key = self.keys.get(kid)
+        if key is None:
+            raise TokenError(
+                "unknown-key",
+                f"{what} is signed with key {kid[:32]!r}, which this relay does not hold "
+                f"(it holds {', '.join(sorted(self.keys))})",
+            )
+        return [key]
+
+
+def _ring(keys: Ed25519PublicKey | KeyRing) -> KeyRing:
+    return keys if isinstance(keys, KeyRing) else KeyRing.of([keys])
 
 
 def _write_new_file(path: Path, data: bytes, mode: int) -> None:
@@ -196,6 +263,20 @@ def read_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
+def read_public_keys(paths: Iterable[Path]) -> KeyRing:
+    """The keys in ``paths``: key files, or directories whose ``*.pem`` are key files."""
+    keys: list[Ed25519PublicKey] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(path.glob("*.pem"))
+            if not found:
+                raise InvalidError(f"{path} holds no *.pem public key files")
+            keys.extend(read_public_key(item) for item in found)
+        else:
+            keys.append(read_public_key(path))
+    return KeyRing.of(keys)
+
+
 # Minting and verifying
 
 
@@ -247,7 +328,8 @@ def mint(
         payload["nbf"] = not_before
     if audience is not None:
         payload["aud"] = list(audience)
-    return jwt.encode(payload, key, algorithm=TOKEN_ALGORITHM)
+    # The kid tells a relay holding several keys (a rotation) which one to check.
+    return jwt.encode(payload, key, algorithm=TOKEN_ALGORITHM, headers={"kid": key_id(key)})
 
 
 def _relay_names(relays: Sequence[str]) -> tuple[str, ...]:
@@ -256,7 +338,42 @@ def _relay_names(relays: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names.normalize_domain(relay) for relay in relays))
 
 
-def _decode(token: str, public_key: Ed25519PublicKey) -> dict[str, Any]:
+def _header(token: str) -> dict[str, Any]:
+    """The header of ``token``, unverified: for its ``kid`` and ``typ``."""
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        raise TokenError("malformed", f"token is malformed: {exc}") from None
+    except (ValueError, TypeError, KeyError):
+        raise TokenError("malformed", "token is malformed") from None
+    if not isinstance(header, dict):
+        raise TokenError("malformed", "token is malformed: its header is not a JSON object")
+    return header
+
+
+def _key_id_of(header: dict[str, Any], what: str) -> str | None:
+    kid = header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise TokenError("malformed", f"{what} is malformed: 'kid' is not a string")
+    return kid
+
+
+def _decode(token: str, keys: KeyRing) -> dict[str, Any]:
+    """Check signature (with the key its ``kid`` names, or any) and issuer."""
+    header = _header(token)
+    typ = header.get("typ")
+    if typ is not None and (not isinstance(typ, str) or typ not in _TOKEN_TYPES):
+        raise TokenError("malformed", f"token is malformed: it is a {str(typ)[:40]!r}")
+    for key in keys.candidates(_key_id_of(header, "token"), "token"):
+        try:
+            return _decode_with(token, key)
+        except TokenError as exc:
+            if exc.reason != "bad-signature":
+                raise
+    raise TokenError("bad-signature", "token signature is not valid")
+
+
+def _decode_with(token: str, public_key: Ed25519PublicKey) -> dict[str, Any]:
     """Check signature and issuer; PyJWT's errors become TokenError."""
     try:
         payload: dict[str, Any] = jwt.decode(
@@ -348,14 +465,15 @@ def check_time(
 
 def verify(
     token: str,
-    public_key: Ed25519PublicKey,
+    public_key: Ed25519PublicKey | KeyRing,
     *,
     now: float | None = None,
     leeway_seconds: int = DEFAULT_LEEWAY_SECONDS,
     revoked: Container[str] = frozenset(),
     relay: str | None = None,
 ) -> TokenGrant:
-    """What ``token`` grants if ``public_key`` signed it and it is valid at ``now``.
+    """What ``token`` grants if ``public_key`` (or, for a ring, the key its
+    ``kid`` names, or any key when it has none) signed it and it is valid at ``now``.
 
     A token whose id is in ``revoked`` is refused too, and so is one that
     names its relays when ``relay`` (the checking relay's normalised domain)
@@ -366,7 +484,7 @@ def verify(
         raise TokenError("malformed", "token is malformed: not a string of a sane length")
     if _TOKEN_RE.fullmatch(token) is None:
         raise TokenError("malformed", "token is malformed: not three base64url segments")
-    grant = _grant(_decode(token, public_key))
+    grant = _grant(_decode(token, _ring(public_key)))
     # After the signature: only a token we issued can be "revoked"; a forgery
     # that copies a revoked id is still just a forgery.
     if grant.token_id in revoked:

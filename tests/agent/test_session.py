@@ -58,6 +58,8 @@ def _expected(code: str, stage: Stage) -> tuple[type[Error], str, bool]:
         return InvalidError, "why", False
     if code == protocol.CODE_ENDED_BY_OPERATOR and stage == "session":
         return RelayError, f"the relay at {RELAY} ended the session: why", False
+    if code == protocol.CODE_FULL and stage == "hello":
+        return RelayError, f"the relay at {RELAY} is full: why", False
     if stage == "open":
         message = "the relay refused to open a tunnel: why"
     return RelayError, message, code == protocol.CODE_SHUTTING_DOWN

@@ -225,7 +225,7 @@ def test_every_counter_is_exact_after_a_known_mix(
         }
         assert one(series, "burrow_relay_data_connection_wait_seconds_count") == 5
         failures = by(series, "burrow_relay_auth_failures_total")
-        assert failures[("bad-signature",)] == 1
+        assert failures[("unknown-key",)] == 1
         assert sum(failures.values()) == 1
         assert by(series, "burrow_relay_tls_handshakes_total")[("failed",)] == 1
         # Each TLS visitor, the agent's control connection and its data connections.

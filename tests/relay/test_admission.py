@@ -149,6 +149,33 @@ def test_a_token_holds_at_most_its_sessions_limit() -> None:
     )
 
 
+def test_a_full_relay_says_so() -> None:
+    checks = admission(dataclasses.replace(CONFIG, max_sessions=3))
+    assert checks.check_capacity(2) is None
+    full = error(protocol.CODE_FULL, "this relay holds its most sessions (3); try another relay")
+    assert checks.check_capacity(3) == full
+    # Each of several workers holds its share, rounded up.
+    assert checks.check_capacity(1, workers=2) is None
+    assert checks.check_capacity(2, workers=2) == full
+    assert checks.check_capacity(0, workers=8) is None
+    assert checks.check_capacity(1, workers=8) == full
+
+
+def test_a_token_of_either_key_of_a_rotation_is_admitted() -> None:
+    new = tokens.generate_signing_key()
+    ring = tokens.KeyRing.of([KEY.public_key(), new.public_key()])
+    quotas = TokenQuotas(5, 1.0, 2)
+    checks = Admission(CONFIG, ring, quotas, CLAIMS)
+    for key in (KEY, new):
+        token = tokens.mint(key, subject="ci", ttl_seconds=3600, now=NOW)
+        assert isinstance(checks.check_hello(hello(token), now=NOW), tokens.TokenGrant)
+    stranger = tokens.mint(tokens.generate_signing_key(), subject="ci", ttl_seconds=60, now=NOW)
+    refused = checks.check_hello(hello(stranger), now=NOW)
+    assert isinstance(refused, protocol.Error) and refused.code == protocol.CODE_AUTH
+    assert "which this relay does not hold" in refused.message
+    assert checks.metrics.auth_failures["unknown-key"] == 1
+
+
 def test_a_good_open_goes_ahead_with_its_allowlist_parsed() -> None:
     got = admission().check_open(open_(allow="10.0.0.0/8"), grant=grant(), tunnels={}, now=0.0)
     assert got == Admitted(allow=allowlist.from_wire("10.0.0.0/8"), claim=None)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from burrow.exception import LocalProtocolError, RemoteProtocolError
 from burrow.wire.protocol import (
+    MAX_FLEET_SIZE,
     MAX_FRAME_SIZE,
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -1077,3 +1078,55 @@ def test_heartbeat_drives_a_ping_and_its_pong() -> None:
     assert feed(agent, [pong]) == [Pong(seq=1)]
     beat.received(21.0)
     assert beat.deadline() == 40.0
+
+
+# --------------------------------------------------------------------------
+# The fleet document's members (docs/protocol.md, "Fleet document")
+
+
+def test_hello_carries_the_agents_fleet_serial() -> None:
+    hello = Hello(version=2, token="t", agent="a", fleet_serial=0)
+    wire = b'{"type":"hello","version":2,"token":"t","agent":"a","fleet_serial":0}'
+    assert encode(hello) == frame(wire)
+    assert decode_payload(wire) == hello
+    # An agent older than fleet documents sends none, and is read as before.
+    old = decode_payload(b'{"type":"hello","version":2,"token":"t","agent":"a"}')
+    assert isinstance(old, Hello) and old.fleet_serial is None
+
+
+def test_welcome_carries_a_fleet_document() -> None:
+    welcome = Welcome(
+        session="s1", key="k1", domain="r1.example.com", heartbeat=20, pool=4, fleet="a.b.c"
+    )
+    wire = (
+        b'{"type":"welcome","session":"s1","key":"k1","domain":"r1.example.com",'
+        b'"heartbeat":20,"pool":4,"fleet":"a.b.c"}'
+    )
+    assert encode(welcome) == frame(wire)
+    assert decode_payload(wire) == welcome
+
+
+@pytest.mark.parametrize("bad", [b'"1"', b"true", b"1.5", b"[]"])
+def test_a_fleet_serial_is_an_integer(bad: bytes) -> None:
+    with pytest.raises(RemoteProtocolError, match=r"hello\.fleet_serial must be int"):
+        decode_payload(
+            b'{"type":"hello","version":2,"token":"t","agent":"a","fleet_serial":' + bad + b"}"
+        )
+
+
+def test_a_welcome_fleet_over_its_limit_is_refused_both_ways() -> None:
+    def welcome(fleet: str) -> Welcome:
+        return Welcome(session="s", key="k", domain="d", heartbeat=1, pool=1, fleet=fleet)
+
+    assert encode(welcome("x" * MAX_FLEET_SIZE))  # at the limit: fine
+    with pytest.raises(LocalProtocolError, match=r"welcome\.fleet is longer than 32768"):
+        encode(welcome("x" * (MAX_FLEET_SIZE + 1)))
+    payload = json.dumps(
+        {"type": "welcome", "session": "s", "key": "k", "domain": "d", "heartbeat": 1,
+         "pool": 1, "fleet": "x" * (MAX_FLEET_SIZE + 1)}
+    ).encode()  # fmt: skip
+    assert len(payload) < MAX_FRAME_SIZE  # a frame the size of which is fine
+    agent = Connection(CONTROL, AGENT)
+    agent.send(SAMPLES[Hello])
+    with pytest.raises(RemoteProtocolError, match=r"welcome\.fleet is longer than 32768"):
+        feed(agent, [frame(payload)])

@@ -40,6 +40,9 @@ def from_wire(error: protocol.Error, relay: str, stage: Stage) -> Error:
         return AuthError(f"the relay at {relay} ended the session: {message}")
     if code == protocol.CODE_ENDED_BY_OPERATOR and stage == "session":
         return RelayError(code, f"the relay at {relay} ended the session: {message}")
+    if code == protocol.CODE_FULL and stage == "hello":
+        # Not retryable here: the same relay stays full; another relay of the list may not be.
+        return RelayError(code, f"the relay at {relay} is full: {message}", retryable=False)
     if code == protocol.CODE_PORT_FORWARDED and stage == "open":
         return InvalidError(message)  # the relay's message is the one users know
     if stage == "open":

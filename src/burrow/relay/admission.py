@@ -45,7 +45,7 @@ class Admission:
     def __init__(
         self,
         config: RelayConfig,
-        public_key: Ed25519PublicKey,
+        public_key: Ed25519PublicKey | tokens.KeyRing,
         quotas: TokenQuotas,
         claims: ClaimSigner,
         *,
@@ -105,6 +105,18 @@ class Admission:
                 message=f"workload ids are at most {MAX_WORKLOAD_ID} long",
             )
         return grant
+
+    def check_capacity(self, held: int, *, workers: int = 1) -> protocol.Error | None:
+        """Why the relay, holding ``held`` sessions in this process (one of
+        ``workers``, each with its share of the limit), takes no more, or None."""
+        limit = -(-self.config.max_sessions // workers)
+        if held < limit:
+            return None
+        return protocol.Error(
+            code=protocol.CODE_FULL,
+            message=f"this relay holds its most sessions ({self.config.max_sessions}); "
+            "try another relay",
+        )
 
     def check_sessions(self, held: int) -> protocol.Error | None:
         """Why a token that holds ``held`` live sessions may not open another, or None."""

@@ -37,6 +37,12 @@ POOL_IDLE_TIMEOUT: Final = 300.0
 # leaked or looping token cannot hold more than some 7 MiB of the relay.
 MAX_SESSIONS_PER_TOKEN: Final = 256
 
+# Sessions the relay holds at once, all tokens together. At about 27 KiB each
+# (and a control connection and its pool of data connections) 100,000 is some
+# 2.7 GiB and 500,000 sockets: past it the relay answers hello with `full`,
+# and agents go to another relay of the fleet rather than wear this one down.
+MAX_SESSIONS: Final = 100_000
+
 # Tunnels one session may hold; a guard against a runaway agent, far above
 # what one process forwards.
 MAX_TUNNELS_PER_SESSION: Final = 1024
@@ -105,8 +111,10 @@ class RelayConfig:
     key: Path
     """PEM private key of ``cert``."""
 
-    public_key: Path
-    """Ed25519 public key that agent tokens must be signed with."""
+    public_key: Path | tuple[Path, ...]
+    """Ed25519 public keys that agent tokens (and the fleet document) may be signed
+    with: key files, or directories of ``*.pem`` key files. Several at once let the
+    signing key be rotated; a token's ``kid`` names its key."""
 
     listen: tuple[tuple[str, int], ...] = (("0.0.0.0", 443), ("::", 443))
     """(host, port) pairs for the public TLS port; visitors and agents share it."""
@@ -138,6 +146,10 @@ class RelayConfig:
     pool_idle_timeout: float = POOL_IDLE_TIMEOUT
     """Seconds a pooled data connection may stay idle before the relay closes it."""
 
+    max_sessions: int = MAX_SESSIONS
+    """Sessions the relay holds at once; past it, ``hello`` gets a ``full`` error (with
+    several workers, each holds its share)."""
+
     max_sessions_per_token: int = MAX_SESSIONS_PER_TOKEN
     """Sessions one token may hold at once; past it, ``hello`` gets a ``limit`` error."""
 
@@ -166,6 +178,10 @@ class RelayConfig:
     revoked_tokens: Path | None = None
     """Text file of revoked token ids (the JWT ``jti``), one a line, ``#`` comments;
     re-read when it changes, and the sessions of a newly revoked token end."""
+
+    fleet: Path | None = None
+    """The operator's signed fleet document (burrow.fleet); re-read when it changes. Its
+    revoked token ids are refused, and agents with an older copy are given it."""
 
     state_dir: Path | None = None
     """Where the relay keeps what must outlive it: the claim secret (``claim-secret``,

@@ -55,6 +55,7 @@ AUTH_FAILURE_REASONS: Final = (
     # An agent's token refused at hello (burrow.tokens.TokenErrorReason) ...
     "malformed",
     "bad-signature",
+    "unknown-key",
     "expired",
     "not-yet-valid",
     "revoked",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Container
 from pathlib import Path
 from typing import Final
 
@@ -26,10 +27,11 @@ REVOCATION_CHECK_SECONDS: Final = 2.0
 # What tells a changed file: a new modification time, a new size (an append
 # always changes it, even within one mtime tick), or a new inode (a file
 # replaced by rename, as editors and config tools write).
-_Signature = tuple[int, int, int]
+FileSignature = tuple[int, int, int]
 
 
-def _signature(stat: os.stat_result) -> _Signature:
+def file_signature(stat: os.stat_result) -> FileSignature:
+    """What tells that the file of ``stat`` changed (the fleet document's too)."""
     return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
@@ -40,7 +42,7 @@ class RevocationList:
         """Read ``path``; a missing or unreadable file is an :class:`InvalidError`."""
         self.path = path
         self.ids: frozenset[str] = frozenset()
-        self._signature: _Signature | None = None
+        self._signature: FileSignature | None = None
         self._gone = False
         try:
             self._read(os.stat(path))
@@ -59,7 +61,7 @@ class RevocationList:
         ids = tokens.parse_revocation_list(text)
         added = ids - self.ids
         self.ids = ids
-        self._signature = _signature(stat)
+        self._signature = file_signature(stat)
         return added
 
     def refresh(self) -> frozenset[str]:
@@ -70,7 +72,7 @@ class RevocationList:
         """
         try:
             stat = os.stat(self.path)
-            if _signature(stat) == self._signature:
+            if file_signature(stat) == self._signature:
                 return frozenset()
             added = self._read(stat)
         except OSError as exc:
@@ -93,3 +95,13 @@ class RevocationList:
             len(added),
         )
         return added
+
+
+class AnyOf:
+    """Token ids refused by any of several sources: the revocation list, the fleet document."""
+
+    def __init__(self, *sources: Container[str]) -> None:
+        self.sources = sources
+
+    def __contains__(self, token_id: object) -> bool:
+        return any(token_id in source for source in self.sources)

@@ -37,13 +37,14 @@ from burrow.relay.admission import Admission
 from burrow.relay.certs import CertificateFiles, TlsContexts
 from burrow.relay.claims import ClaimSigner
 from burrow.relay.config import POOL_WAIT_SECONDS, RelayConfig
+from burrow.relay.fleetfile import FleetFile
 from burrow.relay.handshakes import Handshakes
 from burrow.relay.logs import BoundedLog
 from burrow.relay.metrics import RelayMetrics
 from burrow.relay.ports import Listener, TcpPorts
 from burrow.relay.quota import TokenQuotas
 from burrow.relay.registry import Registry, RelayTunnel
-from burrow.relay.revocation import REVOCATION_CHECK_SECONDS, RevocationList
+from burrow.relay.revocation import REVOCATION_CHECK_SECONDS, AnyOf, RevocationList
 from burrow.relay.session import RelaySession
 from burrow.relay.workers import Worker
 from burrow.wire import allowlist, names, protocol
@@ -108,8 +109,10 @@ class Relay:
         self.config = config
         self.worker = worker
         self.domain = names.normalize_domain(config.domain)
-        public_key = tokens.read_public_key(config.public_key)
+        paths = config.public_key if isinstance(config.public_key, tuple) else (config.public_key,)
+        keys = tokens.read_public_keys(paths)
         self.revoked = RevocationList(config.revoked_tokens) if config.revoked_tokens else None
+        self.fleet = FleetFile(config.fleet, keys) if config.fleet else None
         self.tcp_host = config.tcp_host or self.domain
         self.public_port = config.public_port or 0
         self.plain_port: int | None = None
@@ -149,10 +152,10 @@ class Relay:
         self.claims = ClaimSigner(claimsecret.load_or_create(config.state_dir, config.key))
         self.admission = Admission(
             config,
-            public_key,
+            keys,
             quotas,
             self.claims,
-            revoked=self.revoked if self.revoked is not None else frozenset(),
+            revoked=AnyOf(*(s for s in (self.revoked, self.fleet) if s is not None)),
             owns=self.registry.owns,
             routes=self.registry.routes,
             metrics=self.metrics,
@@ -558,6 +561,10 @@ class Relay:
             token_id = grant.token_id
             held = sum(s.grant.token_id == token_id for s in self.registry.sessions.values())
             grant = self.admission.check_sessions(held) or grant
+        if not isinstance(grant, protocol.Error):
+            workers = self.worker.count if self.worker is not None else 1
+            full = self.admission.check_capacity(len(self.registry.sessions), workers=workers)
+            grant = full or grant
         if isinstance(grant, protocol.Error):
             self.refusals.warning("agent %s refused: %s", stream.peername, loggable(grant.message))
             self.metrics.refused(time.time(), "agent-refused", stream.peername, grant.code)
@@ -583,6 +590,7 @@ class Relay:
                 pool=self.config.pool_size,
                 plain_port=self.plain_port,
                 data_name=f"{session.id}.{self.domain}",
+                fleet=self.fleet.offer(hello.fleet_serial) if self.fleet is not None else None,
             )
         )
         await session.run()
@@ -702,10 +710,13 @@ class Relay:
             session.end(ended)
 
     def check_revoked_tokens(self) -> None:
-        """Re-read the revoked-tokens file if it changed; end newly revoked tokens' sessions."""
-        if self.revoked is None:
-            return
-        newly_revoked = self.revoked.refresh()
+        """Re-read the revoked-tokens file and the fleet document if they changed; end
+        newly revoked tokens' sessions."""
+        newly_revoked: frozenset[str] = frozenset()
+        if self.revoked is not None:
+            newly_revoked |= self.revoked.refresh()
+        if self.fleet is not None:
+            newly_revoked |= self.fleet.refresh()
         if not newly_revoked:
             return
         for session in list(self.registry.sessions.values()):

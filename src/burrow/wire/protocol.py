@@ -28,6 +28,11 @@ ALPN_DATA: Final = "burrow-data/1"
 # making us buffer more than that before we can reject it.
 MAX_FRAME_SIZE: Final = 64 * 1024
 
+# The largest fleet document (``welcome.fleet``, burrow.fleet): half a frame,
+# so that a welcome carrying one always fits. It holds a few hundred relays or
+# about a thousand revoked token ids; tokens expire, so the list stays short.
+MAX_FLEET_SIZE: Final = 32 * 1024
+
 _LENGTH = struct.Struct("!I")
 
 
@@ -60,6 +65,7 @@ class Hello(_Message):
     token: str
     agent: str
     workload: str | None = None
+    fleet_serial: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +78,7 @@ class Welcome(_Message):
     pool: int
     plain_port: int | None = None
     data_name: str | None = None
+    fleet: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +180,9 @@ def _schema(cls: type[Message]) -> list[tuple[str, type, bool]]:
 
 _SCHEMAS: Final = {name: _schema(cls) for name, cls in _MESSAGE_TYPES.items()}
 
+# Members with a limit of their own, below the frame's.
+_MAX_LENGTHS: Final = {("welcome", "fleet"): MAX_FLEET_SIZE}
+
 
 def encode(message: Message) -> bytes:
     """One frame holding ``message``: compact JSON, members in declared order."""
@@ -180,6 +190,9 @@ def encode(message: Message) -> bytes:
     for name, _, _ in _SCHEMAS[message.TYPE]:
         value = getattr(message, name)
         if value is not None:
+            limit = _MAX_LENGTHS.get((message.TYPE, name))
+            if limit is not None and len(value) > limit:
+                raise LocalProtocolError(f"{message.TYPE}.{name} is longer than {limit}")
             obj[name] = value
     payload = json.dumps(obj, separators=(",", ":")).encode()
     if len(payload) > MAX_FRAME_SIZE:
@@ -219,6 +232,9 @@ def decode_payload(payload: bytes) -> Message:
         # JSON escapes can spell lone surrogates, which are not text anywhere else.
         if isinstance(value, str) and not _is_encodable(value):
             raise RemoteProtocolError(f"{kind}.{name} is not valid Unicode")
+        limit = _MAX_LENGTHS.get((kind, name))
+        if limit is not None and isinstance(value, str) and len(value) > limit:
+            raise RemoteProtocolError(f"{kind}.{name} is longer than {limit}")
         values[name] = value
     return _MESSAGE_TYPES[kind](**values)
 
@@ -407,6 +423,7 @@ class HeartbeatTimeout(RemoteProtocolError):
 __all__ = [
     "ALPN_CONTROL",
     "ALPN_DATA",
+    "MAX_FLEET_SIZE",
     "MAX_FRAME_SIZE",
     "NEED_DATA",
     "PROTOCOL_VERSION",
