@@ -21,6 +21,7 @@ from burrow import configfile
 from burrow.admincli import admin as admin_command
 from burrow.env import DEV_PORT
 from burrow.exception import Error
+from burrow.fleetcli import fleet as fleet_command
 from burrow.launch.cli import launch
 from burrow.net.limits import raise_open_file_limit
 from burrow.relay.config import (
@@ -65,6 +66,7 @@ def _lazy(name: str) -> ModuleType:
 if TYPE_CHECKING:
     from burrow import tokens
     from burrow.relay import dev, process
+    from burrow.tunnel import Tunnel
 else:
     tokens = _lazy("burrow.tokens")
     dev = _lazy("burrow.relay.dev")
@@ -716,11 +718,21 @@ def forward_command(port: int, tcp: bool, h2: bool, allow: tuple[str, ...], log_
             sys.stdout.flush()
             stop.install()
             forwarding.when_ended(on_end)
+            forwarding.on_move(_print_move)
             stop.wait()
             if ended:  # the relay ended the session for good (revoked, an operator)
                 raise ended[0] if isinstance(ended[0], Error) else Error(str(ended[0]))
     except Error as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _print_move(old: Tunnel, new: Tunnel) -> None:
+    """A forward's tunnel moved to another relay (its own gone): its new addresses."""
+    click.echo(f"the relay went away; moved to {new.url}")
+    if new.unencrypted_port is not None:
+        host, port = new.tcp_socket
+        click.echo(f"the relay went away; raw TCP moved to tcp://{host}:{port}")
+    sys.stdout.flush()
 
 
 # -- run ----------------------------------------------------------------------
@@ -734,13 +746,18 @@ def run_command(command: tuple[str, ...]) -> None:
     """Run COMMAND as a workload: burrow.forward() works inside it, and each port is
     forwarded once across all of its processes. Its exit code is burrow's."""
     from burrow.agent import client
+    from burrow.agent.session import pin_relay
 
     try:
         config = client.Client().config()
     except Error as exc:
         raise click.ClickException(str(exc)) from exc
-    # A `burrow run` inside a workload stays part of it.
+    # A `burrow run` inside a workload stays part of it. Its processes share one relay.
     workload = config.workload or secrets.token_urlsafe(16)
+    try:
+        config = client.runtime.run(pin_relay(config))
+    except Error as exc:
+        raise click.ClickException(str(exc)) from exc
     env = client.workload_env(dataclasses.replace(config, workload=workload))
     try:
         proc = subprocess.Popen(list(command), env=env)
@@ -889,3 +906,6 @@ def demo(keep: bool) -> None:
 
 # burrow admin status|sessions|tunnels|kick|revoke: a relay's admin API (burrow/admincli.py).
 main.add_command(admin_command)
+
+# burrow fleet sign|verify: the signed fleet document (burrow/fleetcli.py).
+main.add_command(fleet_command)

@@ -18,6 +18,7 @@ the network would change every tunnel's name with it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -26,12 +27,15 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from burrow.exception import ConnectionError, Error
 from burrow.net.files import write_atomically
 from burrow.net.stream import TlsStream
 from burrow.wire.text import loggable
+
+if TYPE_CHECKING:
+    from burrow.fleet import Fleet
 
 log = logging.getLogger("burrow.agent")
 
@@ -178,6 +182,63 @@ class Memories:
 
 def memories() -> Memories:
     return Memories(state_dir() / MEMORY_FILE)
+
+
+# -- the fleet document, as relays hand it out -----------------------------------------
+
+
+def _fleet_path(relays: Sequence[str]) -> Path:
+    digest = hashlib.sha256(Memories.key(relays).encode()).hexdigest()[:16]
+    return state_dir() / "fleets" / f"{digest}.jws"
+
+
+def kept_fleet(relays: Sequence[str], now: float | None = None) -> Fleet | None:
+    """The fleet document a relay of ``relays`` gave this agent, if it is kept and not
+    expired. Read without its signature: it came from a relay whose certificate the
+    agent checked, and the file is the agent's own (0600)."""
+    from burrow.fleet import FleetError, read_unverified
+
+    try:
+        fleet = read_unverified(_fleet_path(relays).read_text(encoding="ascii"))
+    except (OSError, UnicodeDecodeError, FleetError):
+        return None
+    return None if fleet.expired(time.time() if now is None else now) else fleet
+
+
+def keep_fleet(relays: Sequence[str], document: str) -> Fleet | None:
+    """Keep ``document`` (from ``welcome.fleet``) if it reads well and is newer."""
+    from burrow.fleet import FleetError, read_unverified
+
+    try:
+        fleet = read_unverified(document)
+    except FleetError as exc:
+        log.info("a relay gave a fleet document that does not read: %s", exc)
+        return None
+    kept = kept_fleet(relays)
+    if kept is not None and kept.serial >= fleet.serial:
+        return kept
+    path = _fleet_path(relays)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomically(path, document.encode("ascii"))
+    except (OSError, UnicodeEncodeError, Error) as exc:
+        log.debug("could not keep the fleet document in %s: %s", path, exc)
+    log.info("fleet document %d: %d relays", fleet.serial, len(fleet.relays))
+    return fleet
+
+
+def candidates(relays: Sequence[str]) -> list[str]:
+    """``relays`` (BURROW_RELAY's), then the other relays of the fleet document kept
+    for them that take new agents (weight above 0), the heavier first."""
+    listed = list(relays)
+    fleet = kept_fleet(relays)
+    if fleet is None:
+        return listed
+    extra = sorted(
+        (r for r in fleet.relays if r.weight > 0 and r.address not in listed),
+        key=lambda r: -r.weight,
+    )
+    return listed + [r.address for r in extra]
 
 
 # -- the race ----------------------------------------------------------------------

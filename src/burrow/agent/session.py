@@ -177,7 +177,7 @@ class AgentSession:
         """Open a session, retrying a few times; raises AuthError, RelayError or ConnectionError."""
         session = cls(config)
         delay = CONNECT_BACKOFF
-        candidates = list(config.relays)
+        candidates = pick.candidates(config.relays) if len(config.relays) > 1 else [session.relay]
         for attempt in range(1, CONNECT_ATTEMPTS + 1):
             try:
                 if len(candidates) > 1:
@@ -306,6 +306,7 @@ class AgentSession:
                 token=self.config.token,
                 agent=f"burrow/{__version__}",
                 workload=self.config.workload,
+                fleet_serial=self._fleet_serial(),
             )
         )
         try:
@@ -322,6 +323,8 @@ class AgentSession:
         self.relay = relay
         self.host, self.port = names.parse_address(relay, 443)
         self._drain_announced = False
+        if reply.fleet is not None and len(self.config.relays) > 1:
+            pick.keep_fleet(self.config.relays, reply.fleet)
         self._channel = channel
         self._welcome = reply
         self._connected.set()
@@ -409,6 +412,14 @@ class AgentSession:
             await self._reopen_tunnels()
             return
 
+    def _fleet_serial(self) -> int | None:
+        """The serial of the fleet document kept, for ``hello``: a relay with a newer one
+        gives it in ``welcome``. With one relay the agent keeps none (and says none)."""
+        if len(self.config.relays) == 1:
+            return None
+        kept = pick.kept_fleet(self.config.relays)
+        return kept.serial if kept is not None else 0
+
     def _failover_after(self) -> float:
         if self._drain_announced:
             return FAILOVER_AFTER_DRAIN_SECONDS
@@ -418,7 +429,7 @@ class AgentSession:
         """Take the session to the best other relay and open every tunnel there, under
         new names (a name belongs to its relay). False if no other relay took us."""
         gone = self.relay
-        others = [relay for relay in self.config.relays if relay != gone]
+        others = [relay for relay in pick.candidates(self.config.relays) if relay != gone]
         memories = pick.memories()
         memory = memories.load(self.config.relays)
         memory.home = None  # the home is gone: the fastest other wins

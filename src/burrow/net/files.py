@@ -40,5 +40,3 @@ def write_atomically(path: Path, data: bytes, mode: int = PRIVATE_MODE) -> None:
         if isinstance(exc, OSError):
             raise InvalidError(f"cannot write {path}: {exc.strerror}") from exc
         raise
-
-
