@@ -10,17 +10,20 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
-from backends import http_server
+from backends import free_port, http_server
 from devrelay import BURROW, stop
 from harness import wait_until
 
 import burrow
+from burrow import fleet as burrow_fleet
 from burrow import tokens
 from burrow.agent.client import runtime
 from burrow.net import devca
@@ -76,13 +79,32 @@ class Fleet:
 
 
 @contextmanager
-def fleet(tmp_path: Path, count: int = 3) -> Iterator[Fleet]:
-    """``count`` relays for r1.localhost on 127.0.0.1, with one CA and one token key."""
+def fleet(
+    tmp_path: Path, count: int = 3, *, document: bool = False, **overrides: Any
+) -> Iterator[Fleet]:
+    """``count`` relays for r1.localhost on 127.0.0.1, with one CA and one token key;
+    with ``document``, each reads a fleet document listing them all (its ports are
+    picked before the relays start); ``overrides`` go to every RelayConfig."""
     certs = devca.ensure_dev_certificates(tmp_path / "ca", DOMAIN)
     key = tokens.generate_signing_key()
     public = tmp_path / "token-public.pem"
     tokens.write_public_key(key, public)
     made = Fleet(certs.ca_cert, key)
+    ports = [free_port() for _ in range(count)]
+    fleet_file = None
+    if document:
+        fleet_file = tmp_path / "fleet.jws"
+        fleet_file.write_text(
+            burrow_fleet.sign(
+                key,  # type: ignore[arg-type]
+                serial=1,
+                expires=int(time.time()) + 3600,
+                relays=[
+                    burrow_fleet.FleetRelay(f"r{i}", f"{DOMAIN}:{port}")
+                    for i, port in enumerate(ports)
+                ],
+            )
+        )
     try:
         for i in range(count):
             config = RelayConfig(
@@ -90,9 +112,11 @@ def fleet(tmp_path: Path, count: int = 3) -> Iterator[Fleet]:
                 cert=certs.cert,
                 key=certs.key,
                 public_key=public,
-                listen=(("127.0.0.1", 0),),
+                listen=(("127.0.0.1", ports[i]),),
                 tcp_ports=(21000 + 1000 * i, 21999 + 1000 * i),
                 state_dir=tmp_path / f"relay{i}",
+                fleet=fleet_file,
+                **overrides,
             )
             thread = RelayThread(config, name=f"fleet-relay-{i}")
             thread.start()
@@ -236,3 +260,38 @@ def test_several_relays_in_a_sandbox_share_one(tmp_path: Path) -> None:
         )
         sandbox.wait()
         assert sandbox.stdout.read().strip() in relays.relays
+
+
+def test_a_relay_learnt_from_the_fleet_document_takes_the_tunnels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BURROW_RELAY names two relays; the fleet document a relay hands out names a third,
+    where the tunnel goes when both named ones are gone."""
+    monkeypatch.setenv("BURROW_FAILOVER_SECONDS", "1")
+    moves: list[burrow.Tunnel] = []
+    with fleet(tmp_path, document=True) as relays, http_server(files={"id": b"far\n"}) as server:
+        named = relays.relays[:2]
+        client = burrow.Client(relay=named, token=relays.token(), ca=relays.ca)
+        forwarding = burrow.forward(server.port, client=client)
+        with forwarding:
+            forwarding.on_move(lambda old, new: moves.append(new))
+            assert relays.sessions(2) == 0
+            relays.kill(0)
+            relays.kill(1)
+            wait_until(lambda: moves, "the tunnel to move to the third relay", 30)
+            assert moves[-1].port == int(relays.relays[2].rsplit(":", 1)[1])
+            assert relays.sessions(2) == 1
+            assert fetch(moves[-1].url, relays.ca) == b"far\n"
+
+
+def test_a_full_relay_sends_the_agent_to_another(tmp_path: Path) -> None:
+    with (
+        fleet(tmp_path, count=2, max_sessions=1) as relays,
+        http_server(files={"id": b"room\n"}) as server,
+        ExitStack() as stack,
+    ):
+        # Two agents (two tokens, two sessions); each relay takes one session only.
+        # The second forwards a port where nothing listens: a tunnel needs no listener.
+        for subject, port in (("a", server.port), ("b", 1101)):
+            stack.enter_context(burrow.forward(port, client=relays.client(relays.token(subject))))
+        assert sorted(relays.sessions(i) for i in range(2)) == [1, 1]
