@@ -46,6 +46,7 @@ EXTERNAL = (
     ("scale.py", "Scale"),
     ("h2_inspection.py", "HTTP/2 inspection (the cross-tenant check)"),
     ("metrics_cost.py", "Metrics (what --metrics costs)"),
+    ("wan.py", "Across distance (30 ms paths)"),
 )
 EXTERNAL_GRACE = 20.0
 # Seconds kept at the end for charts and the report.
