@@ -390,7 +390,14 @@ class AgentSession:
                 delay = min(delay * 2, RECONNECT_MAX_DELAY)
                 continue
             try:
-                await self._handshake(resume)
+                if elsewhere:
+                    # A silent relay must not hold the move back for a connect timeout.
+                    left = self._failover_after() - (time.monotonic() - started)
+                    await asyncio.wait_for(self._handshake(resume), max(left, 0.1))
+                else:
+                    await self._handshake(resume)
+            except TimeoutError:
+                continue  # the failover time is up: the next turn moves
             except Error as exc:
                 code = exc.code if isinstance(exc, RelayError) else None
                 if elsewhere and code in _GO_ELSEWHERE and await self._move(started):
