@@ -1,13 +1,14 @@
 """``burrow dev`` as a process of its own, as users run it, for tests of whole workloads.
 
-    with dev_relay(tmp_path) as relay:
-        subprocess.run([...], env=relay.env())      # the workload finds the relay
-        relay.curl(url)                             # a visitor that trusts the dev CA
+with dev_relay(tmp_path) as relay:
+    subprocess.run([...], env=relay.env())      # the workload finds the relay
+    relay.curl(url)                             # a visitor that trusts the dev CA
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from harness import wait_until
+
+import burrow
+from burrow import tokens
 from burrow.relay import dev
 
 BURROW: Final = [sys.executable, "-m", "burrow"]
@@ -109,3 +114,63 @@ def dev_relay(tmp: Path, *args: str) -> Iterator[DevRelay]:
         yield DevRelay(proc, state, dev.parse_env(env_file.read_text()), log)
     finally:
         stop(proc)
+
+
+# -- burrow dev with worker processes ------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+@dataclass
+class DevWorkers:
+    proc: subprocess.Popen[bytes]
+    state: Path
+    settings: dict[str, str]
+    log: Path
+    out: Path
+    """What it printed: the relay's addresses, and with --metrics the listener's URL."""
+
+    def client(self, subject: str) -> burrow.Client:
+        key = tokens.read_signing_key(self.state / dev.SIGNING_KEY_FILE)
+        token = tokens.mint(key, subject=subject, ttl_seconds=600)
+        return burrow.Client(
+            relay=self.settings["BURROW_RELAY"], token=token, ca=self.settings["BURROW_CA"]
+        )
+
+    def workers(self) -> list[int]:
+        return children(self.proc.pid)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def metrics_url(self) -> str:
+        """The listener's URL, which it prints when started with ``--metrics``."""
+        found = wait_until(
+            lambda: re.search(r"dashboard on (http://\S+?)/?$", self.out.read_text(), re.M),
+            "the metrics URL",
+        )
+        assert isinstance(found, re.Match)
+        return found.group(1)
+
+
+@contextmanager
+def dev_workers(tmp_path: Path, count: int = 2, *options: str) -> Iterator[DevWorkers]:
+    """``burrow dev --workers count`` (and ``options``), until its workers are up."""
+    state, env_file, log = tmp_path / "state", tmp_path / "dev.env", tmp_path / "relay.log"
+    out = tmp_path / "relay.out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BURROW_")}
+    args = [*BURROW, "dev", "--port", "0", "--workers", str(count), "--log-level", "debug"]
+    args += ["--state-dir", str(state), "--env-file", str(env_file), *options]
+    with log.open("wb") as err, out.open("wb") as printed:
+        proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=printed, stderr=err)
+    try:
+        wait_until(lambda: env_file.exists() and len(children(proc.pid)) == count, "workers")
+        yield DevWorkers(proc, state, dev.parse_env(env_file.read_text()), log, out)
+    finally:
+        stop(proc, sig=signal.SIGTERM)

@@ -8,20 +8,17 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import ssl
-import subprocess
 import urllib.request
-from collections.abc import Iterator
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from backends import http_server, tcp_echo_server
-from devrelay import BURROW, stop
+from devrelay import dev_workers
 from harness import RelayHarness, run_relay, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -29,7 +26,7 @@ import burrow
 from burrow import tokens
 from burrow.agent.client import runtime
 from burrow.exception import AuthError
-from burrow.relay import dev, server
+from burrow.relay import server
 from burrow.relay.session import RelaySession
 
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -308,60 +305,15 @@ def test_series_stay_as_many_with_ten_thousand_tunnels(tmp_path: Path) -> None:
 # -- workers -------------------------------------------------------------------------
 
 
-@dataclass
-class DevWorkers:
-    proc: subprocess.Popen[bytes]
-    state: Path
-    settings: dict[str, str]
-    url: str
-
-    def client(self, subject: str) -> burrow.Client:
-        key = tokens.read_signing_key(self.state / dev.SIGNING_KEY_FILE)
-        token = tokens.mint(key, subject=subject, ttl_seconds=600)
-        return burrow.Client(
-            relay=self.settings["BURROW_RELAY"], token=token, ca=self.settings["BURROW_CA"]
-        )
-
-    def workers(self) -> list[int]:
-        return _children(self.proc.pid)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-@contextlib.contextmanager
-def dev_with_metrics(tmp_path: Path, count: int = 2) -> Iterator[DevWorkers]:
-    state, env_file, out = tmp_path / "state", tmp_path / "dev.env", tmp_path / "out.txt"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BURROW_")}
-    args = [*BURROW, "dev", "--port", "0", "--workers", str(count), "--metrics", "127.0.0.1:0"]
-    args += ["--state-dir", str(state), "--env-file", str(env_file)]
-    with out.open("wb") as stdout, (tmp_path / "relay.log").open("wb") as stderr:
-        proc = subprocess.Popen(
-            args, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
-        )
-    try:
-        wait_until(lambda: env_file.exists() and len(_children(proc.pid)) == count, "workers")
-        found = wait_until(
-            lambda: re.search(r"dashboard on (http://\S+?)/?$", out.read_text(), re.M), "its URL"
-        )
-        assert isinstance(found, re.Match)
-        yield DevWorkers(proc, state, dev.parse_env(env_file.read_text()), found.group(1))
-    finally:
-        stop(proc, sig=signal.SIGTERM)
-
-
 def test_workers_figures_are_summed_and_a_worker_that_exits_stops_counting(
     tmp_path: Path,
 ) -> None:
     with (
-        dev_with_metrics(tmp_path) as relay,
+        dev_workers(tmp_path, 2, "--metrics", "127.0.0.1:0") as relay,
         http_server(files={"id": b"hello\n"}) as web,
         ExitStack() as stack,
     ):
+        url = relay.metrics_url()
         ca = Path(relay.settings["BURROW_CA"])
         port = int(relay.settings["BURROW_RELAY"].rsplit(":", 1)[1])
         # Sessions land on both workers (their ids hash to one or the other).
@@ -372,7 +324,7 @@ def test_workers_figures_are_summed_and_a_worker_that_exits_stops_counting(
             )
             for i in range(8)
         ]
-        sessions = _api(relay.url, "/api/sessions")["sessions"]
+        sessions = _api(url, "/api/sessions")["sessions"]
         assert len(sessions) == 8
         assert {s["worker"] for s in sessions} == {0, 1}
         tally = Tally()
@@ -383,7 +335,7 @@ def test_workers_figures_are_summed_and_a_worker_that_exits_stops_counting(
             https_visit(port, f"{name}.r1.localhost", ca, None)
 
         def settled() -> Series | None:
-            series = scrape(relay.url)
+            series = scrape(url)
             done = one(series, "burrow_relay_visitors_connected") == 0
             return series if done else None
 
@@ -406,23 +358,19 @@ def test_workers_figures_are_summed_and_a_worker_that_exits_stops_counting(
         victim = relay.workers()[1]
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: victim not in relay.workers(), "the worker to go")
-        after = scrape(relay.url)
+        after = scrape(url)
         assert by(after, "burrow_relay_visitors_total") == visitors
         assert by(after, "burrow_relay_tunnel_opens_total")[("https",)] >= 8
         wait_until(lambda: len(relay.workers()) == 2, "the worker to be started again")
         # Every agent comes back (to whichever worker owns its new session).
-        wait_until(
-            lambda: one(scrape(relay.url), "burrow_relay_sessions") == 8, "the sessions back"
-        )
-        again = scrape(relay.url)
+        wait_until(lambda: one(scrape(url), "burrow_relay_sessions") == 8, "the sessions back")
+        again = scrape(url)
         assert one(again, "burrow_relay_workers") == 2
         assert by(again, "burrow_relay_visitors_total")[("https", "joined")] == 3
         stack.close()
         runtime.run(runtime.close_all(relay.settings["BURROW_RELAY"]))
-        wait_until(
-            lambda: one(scrape(relay.url), "burrow_relay_sessions") == 0, "the sessions to end"
-        )
-        final = scrape(relay.url)
+        wait_until(lambda: one(scrape(url), "burrow_relay_sessions") == 0, "the sessions to end")
+        final = scrape(url)
         assert set(by(final, "burrow_relay_tunnels").values()) == {0}
         assert one(final, "burrow_relay_pooled_data_connections") == 0
 

@@ -16,69 +16,20 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 from backends import http_server, tcp_echo_server
-from devrelay import BURROW, stop
+from devrelay import BURROW, children, dev_workers
 from harness import wait_until
 
 import burrow
 from burrow import tokens
-from burrow.relay import dev
 from burrow.relay.workers import Worker
 from burrow.wire import names
 
 DOMAIN = "r1.localhost"
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
-@dataclass
-class DevWorkers:
-    proc: subprocess.Popen[bytes]
-    state: Path
-    settings: dict[str, str]
-    log: Path
-
-    def client(self, subject: str) -> burrow.Client:
-        key = tokens.read_signing_key(self.state / dev.SIGNING_KEY_FILE)
-        token = tokens.mint(key, subject=subject, ttl_seconds=600)
-        return burrow.Client(
-            relay=self.settings["BURROW_RELAY"], token=token, ca=self.settings["BURROW_CA"]
-        )
-
-    def workers(self) -> list[int]:
-        return _children(self.proc.pid)
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@contextmanager
-def dev_workers(tmp_path: Path, count: int = 2) -> Iterator[DevWorkers]:
-    state, env_file, log = tmp_path / "state", tmp_path / "dev.env", tmp_path / "relay.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BURROW_")}
-    args = [*BURROW, "dev", "--port", "0", "--workers", str(count), "--log-level", "debug"]
-    args += ["--state-dir", str(state), "--env-file", str(env_file)]
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
-        )
-    try:
-        wait_until(lambda: env_file.exists() and len(_children(proc.pid)) == count, "workers")
-        yield DevWorkers(proc, state, dev.parse_env(env_file.read_text()), log)
-    finally:
-        stop(proc, sig=signal.SIGTERM)
 
 
 def _curl(url: str, ca: str, count: int) -> list[str]:
@@ -238,7 +189,7 @@ def test_relay_command_with_workers_serves_and_stops_on_sigterm(tmp_path: Path) 
     with log.open("wb") as err:
         proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stderr=err)
     try:
-        wait_until(lambda: len(_children(proc.pid)) == 2, "two workers")
+        wait_until(lambda: len(children(proc.pid)) == 2, "two workers")
         client = burrow.Client(
             relay=f"{DOMAIN}:{port}",
             token=tokens.mint(key, subject="op", ttl_seconds=600),
@@ -249,7 +200,7 @@ def test_relay_command_with_workers_serves_and_stops_on_sigterm(tmp_path: Path) 
             burrow.forward(server.port, client=client) as tunnel,
         ):
             assert _curl(tunnel.url, str(certs.ca_cert), 10) == ["operator"] * 10
-        workers = _children(proc.pid)
+        workers = children(proc.pid)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         for pid in workers:

@@ -21,8 +21,9 @@ import bisect
 import collections
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
+from burrow.tokens import TokenErrorReason
 from burrow.wire import protocol
 
 PREFIX: Final = "burrow_relay_"
@@ -52,14 +53,8 @@ SESSION_END_REASONS: Final = (
 )
 HANDSHAKE_RESULTS: Final = ("ok", "failed", "timeout", "dropped")
 AUTH_FAILURE_REASONS: Final = (
-    # An agent's token refused at hello (burrow.tokens.TokenErrorReason) ...
-    "malformed",
-    "bad-signature",
-    "unknown-key",
-    "expired",
-    "not-yet-valid",
-    "revoked",
-    "wrong-relay",
+    # An agent's token refused at hello, by why ...
+    *get_args(TokenErrorReason),
     # ... a data connection's attach with an unknown session or a wrong key, and a
     # connection on a burrow ALPN that never sent a valid first frame.
     "bad-attach",
