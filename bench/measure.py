@@ -254,3 +254,46 @@ def fresh_tls_ttfb(endpoint: Endpoint, count: int) -> Ttfb:
         times.append(float(out.strip()) * 1000)
     times.sort()
     return Ttfb(p50_ms=statistics.median(times), p99_ms=_percentile(times, 0.99))
+
+
+@dataclass(frozen=True)
+class Burst:
+    seconds: float
+    """From the first connect until the last connection had its first byte of reply."""
+    errors: int
+    """Connections that got no complete 200."""
+
+
+_FIRST_BYTE = re.compile(r"time to 1st byte:\s+\S+\s+(\d+(?:\.\d+)?)(us|ms|s)\b")
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def burst(endpoint: Endpoint, connections: int, timeout: float = 60) -> Burst:
+    """``connections`` fresh connections opened at once, one GET ``/small`` on each.
+
+    h2load starts every connection in the same instant (one client each,
+    one request each, nothing reused, no TLS session resumed); the figure
+    is the slowest connection's time from its connect to its first byte.
+    """
+    out = run(
+        [
+            "h2load",
+            "--h1",
+            "-c",
+            str(connections),
+            "-n",
+            str(connections),
+            "-m",
+            "1",
+            *endpoint.h2load_args(),
+            endpoint.url + SMALL_PATH,
+        ],
+        timeout=timeout,
+    )
+    first, requests = _FIRST_BYTE.search(out), _REQUESTS.search(out)
+    if requests is None:
+        raise BenchError(f"h2load gave no result: {out[-300:]}")
+    succeeded = int(requests.group(2))
+    if first is None or succeeded == 0:
+        raise BenchError(f"no connection of the burst got a reply: {out[-300:]}")
+    return Burst(float(first.group(1)) * _UNITS[first.group(2)], connections - succeeded)

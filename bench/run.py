@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,8 @@ class Plan:
     rate_seconds: float
     rate_connections: int
     ttfb_count: int
+    burst_connections: int
+    """Fresh connections opened at once through a warm tunnel."""
     external_budget: float
     """Seconds each of the external scripts may take."""
     measure_budget: float
@@ -83,6 +86,7 @@ FULL = Plan(
     rate_seconds=2,
     rate_connections=64,
     ttfb_count=50,
+    burst_connections=200,
     external_budget=90,
     measure_budget=430,
     total_budget=590,
@@ -97,6 +101,7 @@ QUICK = Plan(
     rate_seconds=1,
     rate_connections=64,
     ttfb_count=10,
+    burst_connections=200,
     external_budget=20,
     measure_budget=120,
     total_budget=240,
@@ -144,7 +149,23 @@ def _step(
     print(f"{name}: {time.monotonic() - started:.1f}s", file=sys.stderr)
 
 
-STEPS = ("iperf1", "dl1", "iperf8", "dl8", *(f"lat{r}" for r in RATES), "rate64", "ttfb")
+STEPS = (
+    "iperf1",
+    "dl1",
+    "iperf8",
+    "dl8",
+    *(f"lat{r}" for r in RATES),
+    "rate64",
+    "ttfb",
+    "burst",
+)
+# Between two bursts: the last one's connections close and a tunnel's pool refills.
+BURST_PAUSE_SECONDS = 0.5
+# Bursts per setup in each run, their median its figure: ssh -R listens with a
+# backlog of 128, so a burst of 200 sometimes loses SYNs and waits the 1 s
+# retransmit, and one burst alone says little.
+BURSTS_PER_RUN = 3
+SLOW_BURST_SECONDS = 1.0
 
 
 def measure_all(
@@ -208,12 +229,29 @@ def measure_all(
         got = measure.fresh_tls_ttfb(setup.tls, plan.ttfb_count)
         return {"ttfb.p50": got.p50_ms, "ttfb.p99": got.p99_ms}
 
+    def burst(setup: Setup) -> dict[str, float | None]:
+        figures: dict[str, float | None] = {}
+        # Plain TCP where the setup carries it (burrow's HTTPS URL is TLS only), then TLS.
+        chosen = [("tcp", setup.http if setup.iperf_port is not None else None), ("tls", setup.tls)]
+        for kind, endpoint in chosen:
+            if endpoint is None:
+                continue
+            bursts = []
+            for _ in range(BURSTS_PER_RUN):
+                time.sleep(BURST_PAUSE_SECONDS)
+                bursts.append(measure.burst(endpoint, plan.burst_connections))
+            figures[f"burst.{kind}"] = statistics.median(b.seconds for b in bursts)
+            figures[f"burst.{kind}.errors"] = sum(b.errors for b in bursts)
+            figures[f"burst.{kind}.slow"] = sum(b.seconds >= SLOW_BURST_SECONDS for b in bursts)
+        return figures
+
     steps: list[tuple[str, str, list[Setup], Callable[[Setup], dict[str, float | None]]]] = [
         # The figures the targets are about come first, so that they get every run.
         ("iperf1", "iperf3, 1 stream", raw, iperf(1)),
         ("dl1", "download, 1 stream", http, download(1)),
         ("lat1000", "latency at 1000 req/s", one_worker(http), latency(1000)),
         ("ttfb", "fresh TLS TTFB", one_worker(tls), ttfb),
+        ("burst", "a burst of fresh connections", one_worker(tls), burst),
         ("iperf8", "iperf3, 8 streams", raw, iperf(8)),
         ("dl8", "download, 8 streams", http, download(8)),
         ("lat5000", "latency at 5000 req/s", one_worker(http), latency(5000)),
@@ -380,6 +418,22 @@ def _targets(
             at_most(r, 1.5),
         ]
     )
+    for kind, setup, label in (("tcp", "burrow-tcp", "raw TCP"), ("tls", "burrow-https", "HTTPS")):
+        r = results.ratio(f"burst.{kind}", setup, report.SSH)
+        errors = results.values.get(f"burst.{kind}.errors", {}).get(setup)
+        measured = "-" if r is None else f"{r:.2f}x, {sum(errors or [0]):.0f} errors"
+        slow = sum(results.values.get(f"burst.{kind}.slow", {}).get(report.SSH, []))
+        if r is not None and slow:
+            runs = results.runs(f"burst.{kind}", report.SSH) * BURSTS_PER_RUN
+            measured += f" (ssh -R took 1 s+ in {slow:.0f} of {runs} bursts)"
+        rows.append(
+            [
+                f"a burst of fresh connections through a warm tunnel, {label} (issue 13)",
+                "≤ 2x ssh -R, no error",
+                measured,
+                "-" if r is None else ("yes" if r <= 2 and not any(errors or []) else "**no**"),
+            ]
+        )
     share = spread.get("min_share") if spread else None
     rows.append(
         [
@@ -567,12 +621,37 @@ def render(
                 results,
                 "Time to first byte of a fresh TLS connection (ms)",
                 [Column("ttfb.p50", "p50 (ms)"), Column("ttfb.p99", "p99 (ms)")],
-            )
+            ),
+            report.metric_table(
+                results,
+                f"A burst of {plan.burst_connections} fresh connections at once: until the "
+                "last has its first byte (s)",
+                [
+                    Column("burst.tcp", "plain TCP (s)"),
+                    Column("burst.tcp.slow", "slow", ratios=False),
+                    Column("burst.tcp.errors", "errors", ratios=False),
+                    Column("burst.tls", "TLS (s)"),
+                    Column("burst.tls.slow", "slow", ratios=False),
+                    Column("burst.tls.errors", "errors", ratios=False),
+                ],
+            ),
         ],
         None,
         f"{plan.ttfb_count} sequential `curl -w %{{time_starttransfer}}` per run, one process "
         "each, so no TLS session is resumed. *direct* is a fresh TLS connection to the local "
-        "nginx TLS server: the anchor of the target.",
+        "nginx TLS server: the anchor of the target. The burst: `h2load --h1 "
+        f"-c {plan.burst_connections} -n {plan.burst_connections}` opens "
+        f"{plan.burst_connections} connections in the same instant through a tunnel already "
+        "in use, one GET `/small` on each, nothing reused; the figure is the slowest "
+        "connection's time from its connect to its first byte. Each run makes "
+        f"{BURSTS_PER_RUN} bursts per setup, {BURST_PAUSE_SECONDS:g} s apart, and takes their "
+        "median; *slow* counts a run's bursts that took a second or more (a SYN dropped by a "
+        "full listen queue waits 1 s for its retransmit: ssh -R listens with a backlog of "
+        "128), *errors* its connections without a 200 (medians over the runs). Plain TCP is "
+        "nginx's plain HTTP (burrow's raw TCP port), TLS a fresh TLS connection as above (to "
+        "nginx through ssh -R, socat and burrow raw TCP; ended by the relay through burrow "
+        "HTTPS). Through burrow the tunnel has served the measurements before; its first "
+        "burst after a quiet spell is slower (see What limits it now).",
     )
     out.extend(["## 5. Every core", ""])
     if spread is None:

@@ -21,6 +21,7 @@ from burrow.relay.admission import Admission
 from burrow.relay.claims import ClaimSigner
 from burrow.relay.config import RelayConfig
 from burrow.relay.metrics import RelayMetrics
+from burrow.relay.pool import MAX_DIAL_COUNT, MAX_RESERVE, Reserve
 from burrow.relay.quota import TokenQuotas
 from burrow.relay.registry import Registry, RelayTunnel
 from burrow.relay.session import RelaySession
@@ -341,9 +342,7 @@ async def test_a_waiting_visitor_asks_for_what_is_not_on_its_way(agent: Agent) -
 
 async def test_visitors_waiting_when_the_session_ends_are_let_go(agent: Agent) -> None:
     assert isinstance(await agent.ask(open_()), protocol.Opened)
-    waiting = [
-        asyncio.ensure_future(agent.session.take_data_connection(30.0)) for _ in range(3)
-    ]
+    waiting = [asyncio.ensure_future(agent.session.take_data_connection(30.0)) for _ in range(3)]
     await asyncio.sleep(0)  # they wait
     agent.session.close()
     assert await asyncio.wait_for(asyncio.gather(*waiting), 5) == [None, None, None]
@@ -368,3 +367,102 @@ async def test_pooled_connections_idle_too_long_are_closed(relay: FakeRelay) -> 
         assert agent.receive_now() is None  # not replaced until a visitor comes
     finally:
         await agent.finish()
+
+
+# -- the reserve: a pool sized by the last burst ------------------------------------------
+
+
+async def dials_until(agent: Agent, total: int) -> list[int]:
+    """The counts of the `dial` messages the relay sends until they ask for ``total``."""
+    counts: list[int] = []
+    while sum(counts) < total:
+        message = await agent.receive()
+        assert isinstance(message, protocol.Dial), message
+        counts.append(message.count)
+    return counts
+
+
+async def reserve_dials(agent: Agent) -> list[int]:
+    """The `dial` messages that ask for the reserve, all sent at once once no visitor waits."""
+    counts = await dials_until(agent, 1)
+    while (message := agent.receive_now()) is not None:
+        assert isinstance(message, protocol.Dial), message
+        counts.append(message.count)
+    return counts
+
+
+async def burst_of(agent: Agent, visitors: int) -> list[asyncio.Future[Channel | None]]:
+    """``visitors`` at once: each takes a pooled connection or waits for one."""
+    takes = [
+        asyncio.ensure_future(agent.session.take_data_connection(5.0)) for _ in range(visitors)
+    ]
+    await asyncio.sleep(0)  # each has taken one, or waits
+    return takes
+
+
+async def test_a_burst_that_waits_is_kept_ready_for_the_next_one(agent: Agent) -> None:
+    await pooled_session(agent)
+    takes = await burst_of(agent, 20)
+    # One replacement for each of the four pooled, one for each visitor waiting.
+    assert await dials_until(agent, 20) == [1] * 20
+    for _ in range(20):
+        agent.session.add_data_connection(data_connection()[0])
+    assert all(channel is not None for channel in await asyncio.gather(*takes))
+    # Once no visitor waits, the rest of the reserve: what the burst took.
+    assert await reserve_dials(agent) == [16]
+    for _ in range(16):
+        agent.session.add_data_connection(data_connection()[0])
+    assert agent.session.pooled == 20
+    assert agent.receive_now() is None
+
+
+async def test_the_relay_never_asks_for_more_than_its_bound(agent: Agent) -> None:
+    assert isinstance(await agent.ask(open_()), protocol.Opened)  # four on their way
+    takes = await burst_of(agent, 1000)
+    # Every visitor waiting is asked for, one by one as each comes.
+    assert await dials_until(agent, 1000) == [1] * 1000
+    for _ in range(4 + 1000):
+        agent.session.add_data_connection(data_connection()[0])
+    assert all(channel is not None for channel in await asyncio.gather(*takes))
+    # The reserve for next time stops at its cap (less a little decay since the
+    # burst), each dial within what an agent dials at once.
+    counts = await reserve_dials(agent)
+    assert MAX_RESERVE - 8 <= 4 + sum(counts) <= MAX_RESERVE
+    assert all(count <= MAX_DIAL_COUNT for count in counts)
+    extra = [data_connection() for _ in range(sum(counts) + 10)]
+    for channel, _ in extra:
+        agent.session.add_data_connection(channel)
+    assert agent.session.pooled == 4 + sum(counts)
+    assert [stream.closed for _, stream in extra].count(True) == 10
+    assert agent.receive_now() is None
+
+
+async def test_the_pool_shrinks_back_after_a_burst(
+    agent: Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed = asyncio.Event()
+    close = FakeStream.close
+
+    def close_and_tell(stream: FakeStream) -> None:
+        close(stream)
+        closed.set()
+
+    monkeypatch.setattr(FakeStream, "close", close_and_tell)
+    agent.session._reserve = Reserve(agent.relay.config.pool_size, half_life=0.2)
+    await pooled_session(agent)
+    takes = await burst_of(agent, 20)
+    await dials_until(agent, 20)
+    for _ in range(20):
+        agent.session.add_data_connection(data_connection()[0])
+    await asyncio.gather(*takes)
+    for _ in range(sum(await reserve_dials(agent))):
+        agent.session.add_data_connection(data_connection()[0])
+    assert agent.session.pooled > agent.relay.config.pool_size
+    # Halved every half-life, back to the pool's size.
+    async with asyncio.timeout(5):
+        while agent.session.pooled > agent.relay.config.pool_size:
+            closed.clear()
+            await closed.wait()
+    assert agent.session.pooled == agent.relay.config.pool_size
+    assert agent.receive_now() is None  # what was closed is not replaced
+    assert agent.session._trim_timer is None  # nothing left to do

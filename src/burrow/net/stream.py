@@ -429,9 +429,13 @@ class TlsStream(Stream):
         on_client_hello: HelloCallback | None = None,
         prelude: bytes = b"",
         on_connected: Callable[[Stream], None] | None = None,
+        session: ssl.SSLSession | None = None,
     ) -> None:
         """``prelude``: bytes another process already read from this connection;
-        ``on_connected``: told when the transport is there (the peer's address known)."""
+        ``on_connected``: told when the transport is there (the peer's address known);
+        ``session``: a client's TLS session to resume, from an earlier connection
+        made with the same context (the server then neither signs nor sends its
+        certificate, and this side does not verify it again)."""
         super().__init__(on_connected)
         self._context = context
         self._server_side = server_side
@@ -451,9 +455,14 @@ class TlsStream(Stream):
         self._on_client_hello = on_client_hello
         self._hello = bytearray()
         self._prelude = prelude
+        self._session = session
         self.handshake_done = False
         self.created = time.monotonic()
         """When the connection came (``time.monotonic()``): a handshake's duration starts here."""
+        if not server_side:
+            # A client always speaks TLS: its state is made now, so that it takes the
+            # context's ALPN as it is while the caller holds tls.offering().
+            self._start_tls()
 
     # -- handshake --------------------------------------------------------
 
@@ -469,7 +478,9 @@ class TlsStream(Stream):
             self._outgoing,
             server_side=self._server_side,
             server_hostname=self._server_hostname,
+            session=self._session,
         )
+        self._session = None
         return self._ssl
 
     def _on_connected(self) -> None:

@@ -23,6 +23,7 @@ from burrow.relay.admission import Admission
 from burrow.relay.claims import ClaimSigner
 from burrow.relay.config import RelayConfig
 from burrow.relay.metrics import RelayMetrics
+from burrow.relay.pool import REFILL_DELAY, Reserve, dial_counts
 from burrow.relay.registry import Registry
 from burrow.relay.registry import RelayTunnel as RelayTunnel
 from burrow.tokens import TokenGrant
@@ -124,6 +125,10 @@ class RelaySession:
         # When each data connection asked for and not yet come was asked for.
         self._dialed: collections.deque[float] = collections.deque()
         self._attached = 0  # data connections that ever came
+        # How many idle ones to keep: the pool size, more after a burst of visitors.
+        self._reserve = Reserve(relay.config.pool_size)
+        self._refill_timer: asyncio.TimerHandle | None = None
+        self._trim_timer: asyncio.TimerHandle | None = None
         self._filled = False  # the agent fills its pool once it has a tunnel
         self._pooled_receiver = _Pooled(self)
         self._leaving = False
@@ -270,8 +275,9 @@ class RelaySession:
     def add_data_connection(self, channel: Channel) -> None:
         """A data connection proved it belongs here: give it to a visitor or pool it.
 
-        The pool holds at most its size plus the visitors waiting; a connection
-        beyond that (asked for by a visitor who has gone since) is closed.
+        The pool holds at most its reserve plus the visitors waiting; a
+        connection beyond that (asked for by a visitor who has gone since) is
+        closed.
         """
         self._attached += 1
         if self._dialed:
@@ -287,7 +293,7 @@ class RelaySession:
             if not waiter.done():
                 waiter.set_result(channel)
                 return
-        if len(self._pool) >= self.relay.config.pool_size + len(self._waiters):
+        if len(self._pool) >= self._reserve.wanted(time.monotonic()) + len(self._waiters):
             channel.close()
             return
         loop = asyncio.get_running_loop()
@@ -335,6 +341,7 @@ class RelaySession:
         if channel is None:
             waiter: asyncio.Future[Channel | None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
+            self._reserve.waited(time.monotonic(), len(self._waiters))
             self._refill()
             try:
                 channel = await asyncio.wait_for(waiter, wait_seconds)
@@ -348,23 +355,69 @@ class RelaySession:
         if not wanted():
             self._give(channel)
             return None
+        self._reserve.handed_out(time.monotonic())
         self._refill()
+        if self._trim_timer is None and self._reserve.raised(time.monotonic()):
+            self._trim_timer = asyncio.get_running_loop().call_later(
+                self._reserve.half_life, self._trim
+            )
         return channel
 
     def _expect(self, count: int, now: float) -> None:
         self._dialed.extend([now] * count)
 
     def _refill(self) -> None:
-        """Ask the agent for what the pool lacks: its size, plus one per visitor
-        waiting, less what is idle here and what is on its way."""
+        """Ask the agent for what the pool lacks: its reserve, plus one per visitor
+        waiting, less what is idle here and what is on its way.
+
+        The pool's size and the visitors waiting are asked for at once; the rest
+        of a reserve raised by a burst once no visitor waits (REFILL_DELAY): its
+        handshakes would compete with the burst for the agent's CPU and the relay's.
+        """
+        if self.closed:
+            return
         now = time.monotonic()
         while self._dialed and self._dialed[0] < now - DIAL_EXPIRY_SECONDS:
             self._dialed.popleft()
-        wanted = self.relay.config.pool_size + len(self._waiters)
+        self._ask(self._reserve.base + len(self._waiters), now)
+        wanted = self._reserve.wanted(now) + len(self._waiters)
+        if self._refill_timer is None and wanted > len(self._pool) + len(self._dialed):
+            self._refill_timer = asyncio.get_running_loop().call_later(
+                REFILL_DELAY, self._refill_reserve
+            )
+
+    def _refill_reserve(self) -> None:
+        self._refill_timer = None
+        if self.closed:
+            return
+        now = time.monotonic()
+        if self._waiters:  # the burst is not over: they come first
+            self._refill_timer = asyncio.get_running_loop().call_later(
+                REFILL_DELAY, self._refill_reserve
+            )
+            return
+        self._ask(self._reserve.wanted(now), now)
+
+    def _ask(self, wanted: int, now: float) -> None:
+        """``dial`` for what ``wanted`` lacks, less what is idle here and on its way."""
         missing = wanted - len(self._pool) - len(self._dialed)
-        if missing > 0 and not self.closed:
+        if missing > 0:
             self._expect(missing, now)
-            self._send_quietly(protocol.Dial(count=missing))
+            for count in dial_counts(missing):
+                self._send_quietly(protocol.Dial(count=count))
+
+    def _trim(self) -> None:
+        """Close the idle connections the reserve, decaying, no longer wants (oldest first)."""
+        self._trim_timer = None
+        now = time.monotonic()
+        for _ in range(len(self._pool) - self._reserve.wanted(now)):
+            channel = next(iter(self._pool))
+            self._pool.pop(channel).cancel()
+            channel.close()
+        if self._reserve.raised(now) and not self.closed:
+            self._trim_timer = asyncio.get_running_loop().call_later(
+                self._reserve.half_life, self._trim
+            )
 
     # -- the end ------------------------------------------------------------
 
@@ -390,6 +443,10 @@ class RelaySession:
         self.closed = True
         self.relay.metrics.count_session_end(self._end_reason or "relay-closed")
         self.relay.registry.remove_session(self, keep_connections=self._leaving)
+        for timer in (self._refill_timer, self._trim_timer):
+            if timer is not None:
+                timer.cancel()
+        self._refill_timer = self._trim_timer = None
         while (channel := self._take_pooled()) is not None:
             channel.close()
         while self._waiters:  # their visitors are closed at once, not left hanging
