@@ -138,6 +138,29 @@ class AgentTunnel:
     on_move: list[Callable[[Tunnel, Tunnel], None]] = field(default_factory=list)
     """Told ``(old, new)`` when the tunnel moves to another relay (with new names)."""
 
+    def reopening(self, *, claim: bool) -> protocol.Open:
+        """The ``open`` that publishes this tunnel again: under its names (``claim``), or
+        under new ones on another relay."""
+        return protocol.Open(
+            id=self.id,
+            local_port=self.local_port,
+            tcp=self.tcp,
+            h2=self.h2,
+            allow=self.allow,
+            claim=self.claim if claim else None,
+        )
+
+
+def _tunnel_of(reply: protocol.Opened, local_port: int) -> Tunnel:
+    """The addresses an ``opened`` gives the tunnel of ``local_port``."""
+    return Tunnel(
+        host=reply.host,
+        port=reply.port,
+        unencrypted_host=reply.tcp_host,
+        unencrypted_port=reply.tcp_port,
+        local_port=local_port,
+    )
+
 
 class AgentSession:
     """A live session with a relay; create with :meth:`connect`."""
@@ -266,25 +289,26 @@ class AgentSession:
         )
         return stream
 
+    async def _race(self, candidates: list[str], memory: pick.Memory) -> pick.Winner:
+        """The race of :func:`burrow.agent.pick.race` over control connections; what it
+        learns of the relays is kept in the agent's state directory."""
+        memories = pick.memories()
+        return await pick.race(
+            candidates,
+            lambda relay: self._dial(protocol.ALPN_CONTROL, relay=relay),
+            memory,
+            keep=lambda learnt: memories.save(self.config.relays, learnt),
+        )
+
     async def _handshake_best(self, candidates: list[str]) -> None:
         """Pick a relay of ``candidates`` by racing their handshakes, and say hello to it.
 
         One that is full or draining is dropped from ``candidates`` and the next
         race starts at once; the error of the last is raised when none is left.
         """
-        memories = pick.memories()
-        memory = memories.load(self.config.relays)
-
-        def keep(memory: pick.Memory) -> None:
-            memories.save(self.config.relays, memory)
-
+        memory = pick.memories().load(self.config.relays)
         while True:
-            winner = await pick.race(
-                candidates,
-                lambda relay: self._dial(protocol.ALPN_CONTROL, relay=relay),
-                memory,
-                keep=keep,
-            )
+            winner = await self._race(candidates, memory)
             try:
                 await self._handshake(stream=winner.stream, relay=winner.relay)
                 return
@@ -448,21 +472,11 @@ class AgentSession:
         new names (a name belongs to its relay). False if no other relay took us."""
         gone = self.relay
         others = [relay for relay in pick.candidates(self.config.relays) if relay != gone]
-        memories = pick.memories()
-        memory = memories.load(self.config.relays)
+        memory = pick.memories().load(self.config.relays)
         memory.home = None  # the home is gone: the fastest other wins
-
-        def keep(memory: pick.Memory) -> None:
-            memories.save(self.config.relays, memory)
-
         while True:
             try:
-                winner = await pick.race(
-                    others,
-                    lambda relay: self._dial(protocol.ALPN_CONTROL, relay=relay),
-                    memory,
-                    keep=keep,
-                )
+                winner = await self._race(others, memory)
             except Error as exc:
                 log.info("no other relay to move to: %s", loggable(exc))
                 return False
@@ -495,16 +509,7 @@ class AgentSession:
         for agent_tunnel in list(self.tunnels.values()):
             old = agent_tunnel.tunnel
             try:
-                reply = await self._request(
-                    agent_tunnel.id,
-                    protocol.Open(
-                        id=agent_tunnel.id,
-                        local_port=agent_tunnel.local_port,
-                        tcp=agent_tunnel.tcp,
-                        h2=agent_tunnel.h2,
-                        allow=agent_tunnel.allow,
-                    ),
-                )
+                reply = await self._request(agent_tunnel.id, agent_tunnel.reopening(claim=False))
             except ConnectionError:
                 return  # lost again: the next reconnect (or move) tries again
             if not isinstance(reply, protocol.Opened):
@@ -512,13 +517,7 @@ class AgentSession:
                 log.error("tunnel %s could not move to %s: %s", old.url, self.relay, loggable(why))
                 self.tunnels.pop(agent_tunnel.id, None)
                 continue
-            new = Tunnel(
-                host=reply.host,
-                port=reply.port,
-                unencrypted_host=reply.tcp_host,
-                unencrypted_port=reply.tcp_port,
-                local_port=agent_tunnel.local_port,
-            )
+            new = _tunnel_of(reply, agent_tunnel.local_port)
             agent_tunnel.tunnel, agent_tunnel.claim, agent_tunnel.tcp_port = (
                 new,
                 reply.claim,
@@ -537,17 +536,7 @@ class AgentSession:
         for agent_tunnel in list(self.tunnels.values()):
             tunnel = agent_tunnel.tunnel
             try:
-                reply = await self._request(
-                    agent_tunnel.id,
-                    protocol.Open(
-                        id=agent_tunnel.id,
-                        local_port=agent_tunnel.local_port,
-                        tcp=agent_tunnel.tcp,
-                        h2=agent_tunnel.h2,
-                        allow=agent_tunnel.allow,
-                        claim=agent_tunnel.claim,
-                    ),
-                )
+                reply = await self._request(agent_tunnel.id, agent_tunnel.reopening(claim=True))
             except ConnectionError:
                 return  # this session was lost too: the next reconnect tries again
             if isinstance(reply, protocol.Opened) and reply.host == tunnel.host:
@@ -649,13 +638,7 @@ class AgentSession:
         if isinstance(reply, protocol.Error):
             raise from_wire(reply, self.relay, "open")
         assert isinstance(reply, protocol.Opened)
-        tunnel = Tunnel(
-            host=reply.host,
-            port=reply.port,
-            unencrypted_host=reply.tcp_host,
-            unencrypted_port=reply.tcp_port,
-            local_port=port,
-        )
+        tunnel = _tunnel_of(reply, port)
         self.tunnels[tunnel_id] = AgentTunnel(
             id=tunnel_id,
             local_port=port,
@@ -835,14 +818,7 @@ async def pin_relay(config: AgentConfig) -> AgentConfig:
     if len(relays) == 1:
         return config
     dialer = AgentSession(config)
-    memories = pick.memories()
-    memory = memories.load(relays)
-    winner = await pick.race(
-        relays,
-        lambda relay: dialer._dial(protocol.ALPN_CONTROL, relay=relay),
-        memory,
-        keep=lambda memory: memories.save(relays, memory),
-    )
+    winner = await dialer._race(list(relays), pick.memories().load(relays))
     winner.stream.close()
     log.info("the workload's relay: %s", winner.relay)
     return dataclasses.replace(config, relay=winner.relay)
