@@ -382,5 +382,18 @@ def write_result(path: Path, title: str, tables: list[dict[str, Any]], notes: li
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def emit(path: Path | None, title: str, tables: list[dict[str, Any]], notes: list[str]) -> None:
+    """The result: as JSON to ``path`` (bench/run.py's --json), else as Markdown on stdout."""
+    if path is not None:
+        write_result(path, title, tables, notes)
+        return
+    import report
+
+    print(f"# {title}\n")
+    for one in tables:
+        print(report.markdown_table(one) + "\n")
+    print("\n".join(f"- {note}" for note in notes))
+
+
 def table(caption: str, columns: list[str], rows: list[list[Any]]) -> dict[str, Any]:
     return {"caption": caption, "columns": columns, "rows": rows}

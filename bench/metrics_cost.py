@@ -42,7 +42,6 @@ from pathlib import Path
 import _relayproc as rp
 import machine
 import measure
-import report
 import scale
 from anchors import Endpoint
 from procs import HOST, BenchError
@@ -564,13 +563,7 @@ def main() -> None:
     if scraper.failures:
         notes.append("Failed scrapes: " + "; ".join(scraper.failures[:5]))
     tables = [targets, side, scrapes]
-    if args.json is not None:
-        rp.write_result(args.json, TITLE, tables, notes)
-        return
-    print(f"# {TITLE}\n")
-    for table in tables:
-        print(report.markdown_table(table) + "\n")
-    print("\n".join(f"- {note}" for note in notes))
+    rp.emit(args.json, TITLE, tables, notes)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from urllib.parse import urlsplit
 
 import _relayproc as rp
 import anchors
-import report
 from procs import free_port
 
 import burrow
@@ -714,13 +713,7 @@ def main() -> None:
     if fresh.ssh_problem is not None:
         notes.append(f"sshd could not be started ({fresh.ssh_problem}): no ssh -R figure.")
     tables = [targets, latency, fresh_table, runs, relay_table]
-    if args.json is not None:
-        rp.write_result(args.json, TITLE, tables, notes)
-        return
-    print(f"# {TITLE}\n")
-    for table in tables:
-        print(report.markdown_table(table) + "\n")
-    print("\n".join(f"- {note}" for note in notes))
+    rp.emit(args.json, TITLE, tables, notes)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,6 @@ import _relayproc as rp
 import anchors
 import machine
 import measure
-import report
 from anchors import Endpoint
 from procs import HOST, BenchError, free_port
 from servers import DEV_DOMAIN, SMALL_PATH, TLS_NAME, backends
@@ -573,13 +572,7 @@ def main() -> None:
         f"Run took {budget.elapsed():.1f} s of a {seconds:g} s budget.",
     ]
     notes += [f"Problem: {p}" for p in got.problems]
-    if args.json is not None:
-        rp.write_result(args.json, TITLE, tables, notes)
-        return
-    print(f"# {TITLE}\n")
-    for t in tables:
-        print(report.markdown_table(t) + "\n")
-    print("\n".join(f"- {note}" for note in notes))
+    rp.emit(args.json, TITLE, tables, notes)
 
 
 if __name__ == "__main__":
